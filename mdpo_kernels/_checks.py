@@ -59,6 +59,6 @@ def aligned_targets(labels: torch.Tensor, ignore_index: int, shift: bool) -> tor
     labels = labels.to(torch.int64)
     if not shift:
         return labels.contiguous()
-    target = torch.full_like(labels, ignore_index)
+    target = torch.full(labels.shape, ignore_index, dtype=torch.int64, device=labels.device)
     target[:, :-1] = labels[:, 1:]
     return target

@@ -70,6 +70,8 @@ def sequence_logprobs(
     if impl == "reference":
         return sequence_logprobs_ref(logits, labels, ignore_index=ignore_index, shift=shift, average=average)
     if logits.stride(-1) != 1:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True needs logits with a contiguous vocabulary dimension (stride(-1) == 1)")
         logits = logits.contiguous()
     target = aligned_targets(labels, ignore_index, shift)
     if torch.is_grad_enabled() and logits.requires_grad:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-# 64 MiB of fp32 per chunk: positions_per_chunk = CHUNK_BYTES // (4 · V), e.g. 524 positions at V = 32000.
-CHUNK_BYTES = 64 * 2**20
+# 16 MiB of fp32 per chunk: positions_per_chunk = CHUNK_BYTES // (4 · V), e.g. 131 positions at V = 32000.
+# Small enough that malloc reuses the block between chunks instead of mapping fresh pages each time.
+CHUNK_BYTES = 16 * 2**20
 
 
 def _chunks(logits: torch.Tensor):
@@ -44,10 +45,12 @@ def backward(grad_logps, logits, target, lse, ignore_index: int, inplace: bool):
     grad = logits if inplace else torch.empty_like(logits)
     for r, t0, t1 in _chunks(logits):
         tgt = target[r, t0:t1]
-        mask = (tgt != ignore_index).unsqueeze(-1)
-        # d logp / d logits = onehot(target) - softmax, times the row's upstream gradient.
-        g = -torch.exp(logits[r, t0:t1].float() - lse[r, t0:t1].unsqueeze(-1))
-        g.scatter_add_(-1, tgt.clamp(min=0).unsqueeze(-1), torch.ones_like(g[:, :1]))
-        g = torch.where(mask, g * grad_logps[r], torch.zeros((), device=g.device))
-        grad[r, t0:t1] = g.to(grad.dtype)
+        keep = (tgt != ignore_index).to(torch.float32) * grad_logps[r]  # g_r at supervised positions, else 0
+        # d logp / d logits = g · (onehot(target) − softmax); one fp32 buffer, updated in place.
+        g = logits[r, t0:t1].float()  # a copy for bf16/fp16 (and fp32 when not in place, see below)
+        if g.data_ptr() == logits[r, t0:t1].data_ptr():
+            g = g.clone()
+        g.sub_(lse[r, t0:t1].unsqueeze(-1)).exp_().mul_(-keep.unsqueeze(-1))
+        g.scatter_add_(-1, tgt.clamp(min=0).unsqueeze(-1), keep.unsqueeze(-1))
+        grad[r, t0:t1] = g
     return grad
