@@ -2,9 +2,15 @@
 
     from mdpo import MDPOLoss
 
-Importing `mdpo` is light: the data, model and training modules load on first use.
+Importing `mdpo` is light (no torch): the loss, data, model and training modules load on first use.
 """
-from .loss import MDPOLoss, mdpo_loss
-
 __all__ = ["MDPOLoss", "mdpo_loss"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in __all__:
+        from . import loss
+
+        return getattr(loss, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,142 @@
+"""`mdpo-data`: check a preference dataset, preview its corrupted images, or make a sample one.
+
+    mdpo-data check DATASET [--image-root DIR] [--processor DIR] [--max-length N]
+    mdpo-data preview DATASET --out FILE.png [-n 8] [--strategy crop] [--area LOW HIGH] [--seed 0]
+    mdpo-data make-sample OUT_DIR [--n 200] [--seed 0] [--image-size 64]
+
+Exit codes: 0 success; 1 `check` found bad records; 2 bad usage or a dataset that cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import Counter
+
+from .corruption import STRATEGIES, CorruptionConfig
+from .records import BadRecordError, load_records
+
+
+def _stats_line(name: str, values: list[int]) -> str:
+    if not values:
+        return f"  {name:<14} (none)"
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return (f"  {name:<14} min {ordered[0]:>5}  median {statistics.median(ordered):>7.1f}  mean {statistics.fmean(ordered):>7.1f}"
+            f"  p95 {p95:>5}  max {ordered[-1]:>5}")
+
+
+def _check(args) -> int:
+    result = load_records(args.dataset, image_root=args.image_root, on_bad_record="skip")
+    bad = list(result.skipped)
+    good = result.records
+    lines = [f"dataset: {result.path}"]
+    token_lines = []
+    if args.processor is not None:
+        from .collate import PreferenceCollator
+
+        max_length = args.max_length if args.max_length is not None else 10**9
+        collator = PreferenceCollator(args.processor, objective="dpo", max_length=max_length, family=args.family)
+        lengths = {"prompt": [], "image+special": [], "chosen": [], "rejected": [], "row": []}
+        fitting = []
+        for record in good:
+            try:
+                n = collator.measure(record)
+                lengths["prompt"].append(n["prompt"])
+                lengths["image+special"].append(n["protected"])
+                lengths["chosen"].append(n["chosen"])
+                lengths["rejected"].append(n["rejected"])
+                lengths["row"].append(n["prompt"] + max(n["chosen"], n["rejected"]))
+                collator.check_fits(record)
+                fitting.append(record)
+            except BadRecordError as err:
+                bad.append((err.index, err.sample_id, err.reason))
+        good = fitting
+        limit = f", max_length {args.max_length}" if args.max_length is not None else ""
+        token_lines.append(f"tokens ({type(collator.processor).__name__}, family {collator.family}{limit}; responses include EOS):")
+        token_lines += [_stats_line(k, v) for k, v in lengths.items()]
+    else:
+        token_lines.append("words (give --processor DIR for token counts):")
+        token_lines.append(_stats_line("question", [len(r.display_question.split()) for r in good]))
+        token_lines.append(_stats_line("chosen", [len(r.chosen.split()) for r in good]))
+        token_lines.append(_stats_line("rejected", [len(r.rejected.split()) for r in good]))
+    shapes = Counter(r.shape for r in good)
+    lines.append(f"records: {result.num_read} read, {len(good)} valid, {len(bad)} bad")
+    lines.append("shapes: " + (", ".join(f"{k} {v}" for k, v in sorted(shapes.items())) or "none"))
+    lines.append(f"images: {len({r.image_path for r in good})} distinct files")
+    lines += token_lines
+    if bad:
+        lines.append("bad records:")
+        lines += [f"  record {index} (id {sample_id!r}): {reason}" for index, sample_id, reason in sorted(bad, key=lambda b: b[0])]
+    print("\n".join(lines))
+    return 1 if bad else 0
+
+
+def _preview(args) -> int:
+    from .preview import render_preview
+
+    result = load_records(args.dataset, image_root=args.image_root, on_bad_record="skip")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} bad records (run `mdpo-data check` for the reasons)")
+    if not result.records:
+        print("error: no valid record to preview", file=sys.stderr)
+        return 2
+    config = CorruptionConfig(strategy=args.strategy, area=tuple(args.area), seed=args.seed)
+    out = render_preview(result.records, args.out, n=args.n, config=config, epoch=args.epoch)
+    print(f"wrote {out} ({min(args.n, len(result.records))} records, strategy {args.strategy})")
+    return 0
+
+
+def _make_sample(args) -> int:
+    from .sample import make_sample
+
+    path = make_sample(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size)
+    print(f"wrote {path} ({args.n} records, images in {path.parent / 'images'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdpo-data", description="Multimodal preference data tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate every record; exit 1 if any is bad")
+    check.add_argument("dataset")
+    check.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the dataset's)")
+    check.add_argument("--processor", default=None, help="local processor folder, for token-length statistics")
+    check.add_argument("--max-length", type=int, default=None, help="with --processor: flag records that cannot fit")
+    check.add_argument("--family", default=None, help="model family (default: from the processor)")
+    check.set_defaults(func=_check)
+
+    preview = sub.add_parser("preview", help="PNG grid of original and corrupted images with the texts")
+    preview.add_argument("dataset")
+    preview.add_argument("--out", required=True, help="PNG file to write")
+    preview.add_argument("-n", type=int, default=8, help="records to show (default 8)")
+    preview.add_argument("--strategy", default="crop", choices=STRATEGIES)
+    preview.add_argument("--area", type=float, nargs=2, default=(0.01, 0.2), metavar=("LOW", "HIGH"),
+                         help="crop area range (default 0.01 0.2)")
+    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--epoch", type=int, default=0)
+    preview.add_argument("--image-root", default=None)
+    preview.set_defaults(func=_preview)
+
+    sample = sub.add_parser("make-sample", help="write a small synthetic dataset of rendered scenes")
+    sample.add_argument("out_dir")
+    sample.add_argument("--n", type=int, default=200)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--image-size", type=int, default=64)
+    sample.set_defaults(func=_make_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mdpo-data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Preference records on disk → `PreferenceRecord`s, with every bad record named or counted.
+
+Three record shapes are read, from a JSON list or from JSONL (one object a line, streamed):
+
+1. paper   `{"img_path", "prompt", "chosen", "rejected"}`: `prompt` is already templated for the
+           model and holds an `<image>` placeholder (the mDPO code's data).
+2. plain   `{"id"?, "image", "question", "chosen", "rejected"}`: the model's own chat template is
+           applied by the collator.
+3. trl     `{"images": [path], "prompt": [messages], "chosen": [messages], "rejected": [messages]}`:
+           TRL's conversational shape; the prompt must hold one `{"type": "image"}` item.
+
+Every other key of a record (for example the `objects` list that `mdpo-data make-sample` writes) is
+kept in `PreferenceRecord.meta`. Image paths are relative to `image_root` (default: the folder of the
+dataset file). The sample id is the record's `id` field, else the first 16 hex digits of a BLAKE2b
+hash of its canonical JSON; ids must be unique.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"  # the placeholder of the paper shape's templated prompt
+ON_BAD_RECORD = ("error", "skip")
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be used; the message names its index, its id and the reason."""
+
+    def __init__(self, index: int, sample_id: str | None, reason: str, source: str | None = None):
+        self.index, self.sample_id, self.reason, self.source = index, sample_id, reason, source
+        where = f" in {source}" if source else ""
+        super().__init__(f"bad record {index} (id {sample_id!r}){where}: {reason}")
+
+
+class SkippedRecord(NamedTuple):
+    index: int
+    sample_id: str | None
+    reason: str
+
+
+@dataclass
+class PreferenceRecord:
+    """One preference pair: an image, a prompt, a chosen and a rejected response."""
+
+    index: int  # position in the dataset file (0-based, counting records, not lines)
+    sample_id: str  # the `id` field, else a content hash; unique within the dataset
+    image_path: str  # absolute (or image_root-joined) path of the image
+    chosen: str
+    rejected: str
+    shape: str  # "paper" | "plain" | "trl"
+    question: str | None = None  # plain shape: the question; trl: the text of the user turn(s)
+    prompt: str | list[dict] | None = None  # paper: templated text with "<image>"; trl: message list
+    meta: dict[str, Any] = field(default_factory=dict)  # every other key of the record (e.g. objects)
+
+    @property
+    def objects(self) -> list | None:
+        """The scene's object list when the record has one (`mdpo-data make-sample` writes it)."""
+        return self.meta.get("objects")
+
+    @property
+    def display_question(self) -> str:
+        """The question as a person would read it (for previews and reports)."""
+        if self.question is not None:
+            return self.question
+        text = self.prompt if isinstance(self.prompt, str) else ""
+        return text.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+@dataclass
+class LoadResult:
+    records: list[PreferenceRecord]
+    skipped: list[SkippedRecord]
+    path: str
+    num_read: int  # records in the file, good and bad
+
+    def summary(self) -> str:
+        """Counts, then one line per skipped record (for the run's output)."""
+        lines = [f"{self.path}: {self.num_read} records read, {len(self.records)} kept, {len(self.skipped)} skipped"]
+        lines += [f"  skipped record {s.index} (id {s.sample_id!r}): {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- reading
+def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (index, raw object, parse error or None) for every record of a JSON list or JSONL file.
+
+    A file whose first non-blank character is "[" is a JSON list; otherwise it is read line by line
+    as JSONL (streamed, so large files are never held whole). Blank JSONL lines are not records.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as handle:
+        head = ""
+        while True:
+            ch = handle.read(1)
+            if not ch or not ch.isspace():
+                head = ch
+                break
+        handle.seek(0)
+        if head == "[":
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+            for index, raw in enumerate(data):
+                yield index, raw, None
+            return
+        index = 0
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield index, json.loads(line), None
+            except json.JSONDecodeError as err:
+                if index == 0 and head == "{":
+                    _refuse_single_object(path)
+                yield index, None, f"line {line_number} is not valid JSON ({err.msg} at column {err.colno})"
+            index += 1
+
+
+def _refuse_single_object(path: Path) -> None:
+    """A pretty-printed JSON object is neither a list nor JSONL: say so instead of N bad lines."""
+    try:
+        whole = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return
+    if isinstance(whole, dict):
+        raise ValueError(f"{path}: holds one JSON object; expected a JSON list of records or JSONL (one record a line)")
+
+
+def content_id(raw: Any) -> str:
+    """A stable id from a record's content: BLAKE2b of its canonical JSON, 16 hex digits."""
+    blob = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.blake2b(blob.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def _message_text(messages: Any, role: str | None, what: str) -> str:
+    """The text of the messages (of `role`, if given): string contents and {"type": "text"} items."""
+    if isinstance(messages, str):
+        return messages
+    if not isinstance(messages, list):
+        raise _Reason(f"'{what}' must be a string or a list of messages, not {type(messages).__name__}")
+    parts = []
+    for message in messages:
+        if not isinstance(message, dict) or "content" not in message:
+            raise _Reason(f"'{what}' holds an entry that is not a message with 'role' and 'content'")
+        if role is not None and message.get("role") != role:
+            continue
+        content = message["content"]
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(str(item.get("text", "")) for item in content if isinstance(item, dict) and item.get("type") == "text")
+    return "\n".join(p for p in parts if p)
+
+
+def count_image_items(messages: list) -> int:
+    return sum(
+        1
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for item in message["content"]
+        if isinstance(item, dict) and item.get("type") == "image"
+    )
+
+
+class _Reason(Exception):
+    """Internal: why a raw record is bad (turned into BadRecordError with index and id)."""
+
+
+def _text_field(raw: dict, key: str, shape: str) -> str:
+    if key not in raw or raw[key] is None:
+        raise _Reason(f"missing '{key}'")
+    value = raw[key]
+    text = _message_text(value, "assistant", key) if shape == "trl" and not isinstance(value, str) else value
+    if not isinstance(text, str):
+        raise _Reason(f"'{key}' must be a string, not {type(text).__name__}")
+    if not text.strip():
+        raise _Reason(f"empty '{key}'")
+    return text
+
+
+def _image_field(raw: dict) -> str:
+    for key in ("img_path", "image", "images"):
+        if key in raw and raw[key] is not None:
+            value = raw[key]
+            if isinstance(value, list):
+                if len(value) != 1:
+                    raise _Reason(f"'{key}' holds {len(value)} images; one image per record is supported")
+                value = value[0]
+            if isinstance(value, dict):  # {"path": ...} as some exports write it
+                value = value.get("path")
+            if not isinstance(value, str) or not value:
+                raise _Reason(f"'{key}' must be an image path")
+            return value
+    raise _Reason("missing image ('img_path', 'image' or 'images')")
+
+
+def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_images: bool = True) -> PreferenceRecord:
+    """One raw JSON object → PreferenceRecord; raises BadRecordError naming index, id and reason."""
+    sample_id = None
+    try:
+        if not isinstance(raw, dict):
+            raise _Reason(f"not a JSON object but {type(raw).__name__}")
+        sample_id = str(raw["id"]) if raw.get("id") is not None else content_id(raw)
+        prompt = raw.get("prompt")
+        if isinstance(prompt, list):
+            shape = "trl"
+        elif isinstance(prompt, str) and "question" not in raw:
+            shape = "paper"
+        elif "question" in raw:
+            shape = "plain"
+        else:
+            raise _Reason(f"unrecognised record shape: keys {sorted(raw)}; expected 'prompt' or 'question'")
+        chosen = _text_field(raw, "chosen", shape)
+        rejected = _text_field(raw, "rejected", shape)
+        image = _image_field(raw)
+        question = None
+        if shape == "paper":
+            n = prompt.count(IMAGE_PLACEHOLDER)
+            if n != 1:
+                raise _Reason(
+                    f"prompt has {n} image placeholders '{IMAGE_PLACEHOLDER}'; the paper shape needs exactly one"
+                )
+        elif shape == "plain":
+            question = raw["question"]
+            if not isinstance(question, str) or not question.strip():
+                raise _Reason("empty 'question'")
+        else:
+            n = count_image_items(prompt)
+            if n != 1:
+                raise _Reason(f"prompt messages hold {n} image placeholders ({{'type': 'image'}}); exactly one is needed")
+            question = _message_text(prompt, "user", "prompt")
+        image_path = image if os.path.isabs(image) else os.path.join(str(image_root), image)
+        if check_images:
+            check_image_file(image_path)
+        known = {"id", "img_path", "image", "images", "prompt", "question", "chosen", "rejected"}
+        meta = {k: v for k, v in raw.items() if k not in known}
+        return PreferenceRecord(
+            index=index, sample_id=sample_id, image_path=image_path, chosen=chosen, rejected=rejected, shape=shape,
+            question=question, prompt=prompt if shape != "plain" else None, meta=meta,
+        )
+    except _Reason as reason:
+        raise BadRecordError(index, sample_id, str(reason)) from None
+
+
+def check_image_file(image_path: str) -> None:
+    """Raise _Reason when the image is missing or Pillow cannot read it (header and data checked)."""
+    from PIL import Image
+
+    if not os.path.isfile(image_path):
+        raise _Reason(f"image file not found: {image_path}")
+    try:
+        with Image.open(image_path) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001 — any decoder error means an unreadable file
+        raise _Reason(f"image file unreadable: {image_path} ({type(err).__name__}: {err})") from None
+
+
+def load_image(record: PreferenceRecord):
+    """The record's image as RGB. RGBA / LA / P-with-transparency are composited on white; other modes
+    (L, P, CMYK, I;16 …) are converted. Raises BadRecordError if the file cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(record.image_path) as image:
+            image.load()
+            return to_rgb(image)
+    except Exception as err:  # noqa: BLE001
+        raise BadRecordError(record.index, record.sample_id,
+                             f"image file unreadable: {record.image_path} ({type(err).__name__}: {err})") from None
+
+
+def to_rgb(image):
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_records(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    on_bad_record: str = "error",
+    processor: Any = None,
+    max_length: int | None = None,
+    *,
+    family: str | None = None,
+    check_images: bool = True,
+) -> LoadResult:
+    """Read and validate every record of a JSON list / JSONL dataset.
+
+    path: the dataset file. image_root: folder the image paths are relative to (default: the file's folder).
+    on_bad_record: "error" raises BadRecordError at the first bad record; "skip" lists it in
+        `LoadResult.skipped` (index, sample_id, reason) and goes on. Nothing is dropped silently.
+    processor, max_length: when both are given, every record is also tokenised as the collator would
+        (image loaded, image tokens counted) and one that does not fit in `max_length` tokens even
+        after cutting all prompt text is bad. `family` as for PreferenceCollator.
+    check_images: open every image and verify it (set False to trust the files and load faster).
+    returns: LoadResult(records, skipped, path, num_read).
+    """
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"on_bad_record={on_bad_record!r} must be one of {ON_BAD_RECORD}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    root = Path(image_root) if image_root is not None else path.parent
+    measurer = None
+    if processor is not None and max_length is not None:
+        from .collate import PreferenceCollator
+
+        measurer = PreferenceCollator(processor, objective="dpo", max_length=max_length, family=family)
+    records: list[PreferenceRecord] = []
+    skipped: list[SkippedRecord] = []
+    first_index: dict[str, int] = {}
+    num_read = 0
+    for index, raw, parse_error in iter_raw_records(path):
+        num_read += 1
+        try:
+            if parse_error is not None:
+                raise BadRecordError(index, None, parse_error)
+            record = parse_record(raw, index, root, check_images=check_images)
+            if record.sample_id in first_index:
+                raise BadRecordError(index, record.sample_id,
+                                     f"duplicate id (first used by record {first_index[record.sample_id]})")
+            if measurer is not None:
+                measurer.check_fits(record)
+        except BadRecordError as err:
+            err.source = str(path)
+            if on_bad_record == "error":
+                raise BadRecordError(err.index, err.sample_id, err.reason, str(path)) from None
+            skipped.append(SkippedRecord(err.index, err.sample_id, err.reason))
+            continue
+        first_index[record.sample_id] = index
+        records.append(record)
+    if skipped:
+        logger.warning("%s: skipped %d of %d records (on_bad_record='skip')", path, len(skipped), num_read)
+    return LoadResult(records=records, skipped=skipped, path=str(path), num_read=num_read)

@@ -1,0 +1,123 @@
+"""Loading a vision-language model and its processor from a local folder (offline) or a tiny preset."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import FamilyAdapter, adapter_for_model_type, get_adapter
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the trainer: the HF model, its processor and the family adapter."""
+
+    model: nn.Module  # …ForConditionalGeneration (a peft PeftModel after apply_lora)
+    processor: Any  # the family's ProcessorMixin (tokenizer + image processor)
+    adapter: FamilyAdapter
+    family: str
+    source: str = ""  # folder or preset name it came from (for fingerprints and messages)
+
+
+def choose_attn_implementation(device: str | torch.device | None) -> str:
+    """'flash_attention_2' on CUDA when flash-attn is importable, else 'sdpa'. Never requires flash-attn."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        try:
+            import flash_attn  # noqa: F401  (a broken build fails here, not mid-forward)
+        except Exception:  # pragma: no cover - depends on the machine
+            return "sdpa"
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """torch dtype from a name ('bf16', 'float32', …); None → bf16 on CUDA, fp32 elsewhere."""
+    if dtype is None or dtype == "auto":
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be a floating type (fp32, bf16, fp16), got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype {dtype!r} not understood; use one of {sorted(_DTYPES)} or 'auto'")
+
+
+def load_model(
+    path_or_preset: str | os.PathLike,
+    family: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """Load model + processor from a local folder (no hub access), or build a tiny preset by name.
+
+    path_or_preset: a folder written by `save_pretrained` (config.json, weights, processor files),
+        or a preset name such as 'tiny-llava' (see mdpo.models.presets.PRESETS).
+    family: the adapter to use; detected from config.model_type when None. A family that does not
+        serve the folder's model_type is an error.
+    dtype: 'bf16' / 'fp32' / torch dtype; None → bf16 on CUDA, fp32 elsewhere.
+    attn_implementation: None → choose_attn_implementation(device).
+    device: where to put the model (None: stay on CPU).
+    """
+    from .presets import PRESETS, build_preset
+
+    name = os.fspath(path_or_preset)
+    torch_dtype = resolve_dtype(dtype, device)
+    attn = attn_implementation or choose_attn_implementation(device)
+    if attn_implementation is None and attn == "flash_attention_2" and torch_dtype == torch.float32:
+        warnings.warn("flash-attn needs bf16/fp16 weights; dtype is float32, so attention falls back to SDPA")
+        attn = "sdpa"
+    if name in PRESETS and not Path(name).exists():
+        loaded = build_preset(name, dtype=torch_dtype, attn_implementation=attn)
+        if family is not None and get_adapter(family) is not loaded.adapter:
+            raise ValueError(f"family {family!r} does not match preset {name!r} (family {loaded.family!r})")
+        if device is not None:
+            loaded.model.to(device)
+        return loaded
+
+    folder = Path(name)
+    if not folder.is_dir():
+        hint = f"; or one of the presets: {', '.join(PRESETS)}" if name.startswith("tiny-") else ""
+        raise FileNotFoundError(
+            f"model folder {name!r} does not exist (model.path must be a local folder written by "
+            f"save_pretrained; models are never downloaded{hint})"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {name!r} has no config.json; is it a save_pretrained folder?")
+
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    detected = adapter_for_model_type(config.model_type, source=str(folder / "config.json"))
+    adapter = detected if family is None else get_adapter(family)
+    if config.model_type not in adapter.model_types:
+        raise ValueError(
+            f"family {family!r} does not serve model_type {config.model_type!r} of {name!r} "
+            f"(that model_type belongs to family {detected.family!r})"
+        )
+    model_cls = getattr(transformers, adapter.model_classes[config.model_type])
+    model = model_cls.from_pretrained(
+        folder, local_files_only=True, dtype=torch_dtype, attn_implementation=attn
+    )
+    adapter.check_fused_head(model)
+    from mdpo.data import load_processor  # registers the image-only Qwen processors (no torchvision needed)
+
+    processor = load_processor(folder)
+    if device is not None:
+        model.to(device)
+    return LoadedModel(model=model, processor=processor, adapter=adapter, family=adapter.family, source=str(folder))
