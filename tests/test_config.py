@@ -18,9 +18,9 @@ def test_defaults_are_the_papers():
 
 
 def test_yaml_and_overrides(tmp_path):
-    path = _write(tmp_path, "objective: dpo\nmodel:\n  preset: tiny-llava\ndata:\n  path: x.json\n")
+    path = _write(tmp_path, "objective: dpo\nlr: 1e-5\nmodel:\n  preset: tiny-llava\ndata:\n  path: x.json\n")
     cfg = load_config(path, ["max_steps=7", "data.crop_area=[0.2, 0.5]", "loss.beta=1", "data.image_root=/img", "output_dir=o"])
-    assert cfg.objective == "dpo" and cfg.max_steps == 7 and cfg.data.crop_area == (0.2, 0.5)
+    assert cfg.objective == "dpo" and cfg.lr == 1e-5 and cfg.max_steps == 7 and cfg.data.crop_area == (0.2, 0.5)
     assert cfg.loss.beta == 1.0 and isinstance(cfg.loss.beta, float)
     assert (cfg.data.path, cfg.data.image_root, cfg.output_dir, cfg.model.preset) == ("x.json", "/img", "o", "tiny-llava")
 

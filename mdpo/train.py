@@ -1,0 +1,416 @@
+"""mDPO training: `mdpo-train CONFIG.yaml [key=value ...]` or `accelerate launch -m mdpo.train ...`.
+
+One readable file: setup -> reference pass -> train -> save. Each micro-batch is ONE policy forward
+over its 3B rows [chosen | rejected | corrupted]; the language model's last hidden states go through
+the fused LM head (`linear_sequence_logprobs`), so only response tokens reach the vocabulary and no
+logits are built; the reference log-probs come from a cache computed once before training
+(`reference.mode: cached`) or from a forward with the LoRA adapters disabled (`live`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TrainConfig, load_config, to_dict
+from .loss import MDPOLoss, get_objective
+from .reference_cache import ReferenceCache, StaleCacheError, canonical, file_digest, weights_digest
+from .scoring import SequenceScorer, move_batch, reference_logps
+
+PLOT_GROUPS = {
+    "losses": ["loss/total", "loss/dpo", "loss/conditional", "loss/anchor"],
+    "rewards": ["rewards/chosen", "rewards/rejected", "rewards/corrupted"],
+    "margins": ["rewards/margins", "rewards/conditional_margins"],
+    "accuracies": ["rewards/accuracies", "rewards/conditional_accuracies"],
+}
+
+
+# ----------------------------------------------------------------------------------------- setup
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    """Model + processor + adapter, with LoRA (or full fine-tuning of the language model)."""
+    from .models import apply_lora, build_preset, enable_gradient_checkpointing, freeze_for_full_finetune, load_model
+
+    if cfg.model.preset is not None:
+        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+        loaded = build_preset(cfg.model.preset, seed=cfg.seed, dtype=dtype)
+    else:
+        attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+        loaded = load_model(cfg.model.path, family=cfg.model.family, dtype=cfg.model.dtype, attn_implementation=attn, device=device)
+    reference_model = None
+    if cfg.model.finetune == "lora":
+        loaded.model = apply_lora(loaded.model, loaded.family, r=cfg.model.lora_r, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout)
+    else:
+        freeze_for_full_finetune(loaded.model, loaded.family)
+        if cfg.reference.mode == "live":  # the frozen reference is a separate copy of the initial weights
+            reference_model = copy.deepcopy(loaded.model).eval().requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded.model)
+    loaded.model.train()
+    return loaded, reference_model
+
+
+def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
+    """The order of records in an epoch: a permutation that depends only on (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_records, generator=gen).tolist()
+
+
+def micro_batches(order: list[int], micro: int, rank: int, world: int, steps: int, accum: int) -> list[list[int]]:
+    """This process's micro-batches of an epoch: `steps · accum` lists of `micro` record indices."""
+    per_step = micro * accum * world
+    batches = []
+    for step in range(steps):
+        block = order[step * per_step : (step + 1) * per_step]
+        mine = block[rank::world]  # each process takes every world-th record of the step's block
+        batches.extend(mine[i * micro : (i + 1) * micro] for i in range(accum))
+    return batches
+
+
+def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int) -> dict:
+    """Everything the reference log-probs depend on (see reference_cache)."""
+    spec = get_objective(cfg.objective)
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    return canonical({
+        "model.source": loaded.source, "model.family": loaded.family, "model.dtype": str(next(base.parameters()).dtype),
+        "model.weights": weights_digest(base),
+        "processor": f"{type(loaded.processor).__name__}:{len(tokenizer)}",
+        "data.sha256": file_digest(cfg.data.path), "data.image_root": cfg.data.image_root, "data.records": n_records,
+        "data.max_length": cfg.data.max_length, "data.on_bad_record": cfg.data.on_bad_record,
+        "corruption": [cfg.data.corruption, list(cfg.data.crop_area), cfg.data.corruption_seed, cfg.data.same_corruption_every_epoch],
+        "corruption.epochs": n_corruption_epochs,
+        "objective.branches": list(spec.branches), "objective.images": cfg.objective != "dpo_no_image",
+        "loss.average_logprobs": cfg.loss.average_logprobs,
+    })
+
+
+@torch.no_grad()
+def compute_reference_cache(scorer, records, collator, fingerprint, n_corruption_epochs, micro, device, reference_model, show_bar):
+    """One forward-only pass: ρ of every record's branches, and of each corruption epoch's image.
+
+    Epoch 0 gives chosen, rejected and corrupted; each further corruption epoch recomputes the batch
+    and keeps only its corrupted rows (chosen/rejected do not change).
+    """
+    from tqdm.auto import tqdm
+
+    n, ids = len(records), [r.sample_id for r in records]
+    chosen, rejected = torch.zeros(n), torch.zeros(n)
+    has_corrupted = fingerprint["objective.branches"][-1] == "corrupted"
+    corrupted = torch.zeros(n_corruption_epochs, n) if has_corrupted else None
+    total = n_corruption_epochs * math.ceil(n / micro)
+    with tqdm(total=total, desc="reference log-probs", disable=not show_bar) as bar:
+        for epoch in range(n_corruption_epochs):
+            collator.set_epoch(epoch)
+            for start in range(0, n, micro):
+                chunk = records[start : start + micro]
+                b = len(chunk)
+                logps = reference_logps(scorer, move_batch(collator(chunk), device), reference_model).float().cpu()
+                if epoch == 0:
+                    chosen[start : start + b], rejected[start : start + b] = logps[:b], logps[b : 2 * b]
+                if has_corrupted:
+                    corrupted[epoch, start : start + b] = logps[2 * b : 3 * b]
+                bar.update(1)
+    return ReferenceCache(fingerprint, ids, chosen, rejected, corrupted)
+
+
+def prepare_reference_cache(cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model):
+    """Load the cache if it matches this run, else compute it on the main process and share the file."""
+    path = Path(cfg.reference.cache_path or Path(cfg.output_dir) / "reference_logps.pt")
+    if path.exists():
+        cache = ReferenceCache.load(path, fingerprint)  # raises StaleCacheError listing what differs
+        accelerator.print(f"reference log-probs: reusing {path}")
+        return cache
+    if accelerator.is_main_process:
+        scorer.eval()  # dropout off: ρ is the frozen model's
+        start = time.perf_counter()
+        cache = compute_reference_cache(
+            accelerator.unwrap_model(scorer), records, collator, fingerprint, n_corruption_epochs,
+            cfg.micro_batch_size, accelerator.device, reference_model, cfg.progress_bar,
+        )
+        cache.save(path)
+        scorer.train()
+        accelerator.print(f"reference log-probs: computed in {time.perf_counter() - start:.1f} s -> {path}")
+    accelerator.wait_for_everyone()
+    return ReferenceCache.load(path, fingerprint)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out: Path, accelerator, scorer, optimizer, scheduler, position: dict, cfg: TrainConfig) -> Path:
+    ckpt = out / "checkpoints" / f"step-{position['global_step']:06d}"
+    model = accelerator.unwrap_model(scorer).model
+    if accelerator.is_main_process:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(trainable, ckpt / "trainable.pt")
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(ckpt / "adapter")  # peft format, loadable with PeftModel.from_pretrained
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "position": position}, ckpt / "state.pt")
+        (ckpt / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, ckpt / f"rng-{accelerator.process_index}.pt")
+    return ckpt
+
+
+def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler) -> dict:
+    if not (ckpt / "state.pt").is_file():
+        raise ConfigError(f"resume_from={ckpt}: not a checkpoint folder (no state.pt)")
+    model = accelerator.unwrap_model(scorer).model
+    trainable = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    missing = sorted(set(trainable) - set(params))
+    if missing:
+        raise ConfigError(f"resume_from={ckpt}: checkpoint parameters not in this model, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["position"]
+
+
+# ------------------------------------------------------------------------------------- reporting
+def save_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
+    """PNG curves of the loss terms, branch rewards, margins and accuracies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, keys in PLOT_GROUPS.items():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key.split("/")[-1])
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / f"{name}.png")
+    return written
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .data import CorruptionConfig, PreferenceCollator, load_records
+
+    # cpu=True on a machine without CUDA lets `accelerate launch` / torchrun run several CPU processes (gloo).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    if not Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path={cfg.data.path}: no such dataset file (make one with `mdpo-data make-sample DIR`)")
+    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"model.path={cfg.model.path}: no such model folder")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+
+    # --- model and data
+    loaded, reference_model = build_model(cfg, device)
+    loaded.model.to(device)
+    if reference_model is not None:
+        reference_model.to(device)
+    spec = get_objective(cfg.objective)
+    result = load_records(cfg.data.path, image_root=cfg.data.image_root, on_bad_record=cfg.data.on_bad_record,
+                          processor=loaded.processor, max_length=cfg.data.max_length)
+    records, skipped = result.records, result.skipped
+    for index, sample_id, reason in skipped:
+        accelerator.print(f"skipped record {index} (id {sample_id}): {reason}")
+    corruption = CorruptionConfig(strategy=cfg.data.corruption, area=tuple(cfg.data.crop_area), seed=cfg.data.corruption_seed,
+                                  same_every_epoch=cfg.data.same_corruption_every_epoch)
+    collator = PreferenceCollator(loaded.processor, objective=cfg.objective, max_length=cfg.data.max_length,
+                                  corruption=corruption, family=loaded.family)
+    if cfg.data.corruption == "random_image" and hasattr(collator, "set_image_pool"):
+        collator.set_image_pool(records)
+
+    # --- schedule: effective batch = micro · accumulation · processes
+    if cfg.effective_batch_size % (cfg.micro_batch_size * world):
+        raise ConfigError(f"effective_batch_size={cfg.effective_batch_size} is not a multiple of micro_batch_size·processes = {cfg.micro_batch_size * world}")
+    accum = cfg.effective_batch_size // (cfg.micro_batch_size * world)
+    steps_per_epoch = len(records) // cfg.effective_batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(records)} records are fewer than one effective batch of {cfg.effective_batch_size} pairs")
+    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl)
+    scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
+    criterion = MDPOLoss(beta=cfg.loss.beta, delta=cfg.loss.delta, objective=cfg.objective, dpo_weight=cfg.loss.dpo_weight,
+                         conditional_weight=cfg.loss.conditional_weight, anchor_weight=cfg.loss.anchor_weight,
+                         rejected_anchor=cfg.loss.rejected_anchor, corrupted_anchor=cfg.loss.corrupted_anchor)
+
+    # --- reference log-probs
+    n_corruption_epochs = 1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs
+    cache = None
+    if cfg.reference.mode == "cached":
+        fingerprint = run_fingerprint(cfg, loaded, len(records), n_corruption_epochs)
+        cache = prepare_reference_cache(cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model)
+
+    # --- resume
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    if cfg.resume_from:
+        position = load_checkpoint(Path(cfg.resume_from), accelerator, scorer, optimizer, scheduler)
+        accelerator.print(f"resumed from {cfg.resume_from} at step {position['global_step']}")
+
+    # --- loop
+    metrics_path = out / "metrics.jsonl"
+    writer = None
+    if accelerator.is_main_process and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+    log_file = open(metrics_path, "a" if cfg.resume_from else "w") if accelerator.is_main_process else None
+    bar = tqdm(total=total_steps, initial=position["global_step"], desc="mDPO", disable=not (cfg.progress_bar and accelerator.is_main_process))
+    step, history, started = position["global_step"], [], time.perf_counter()
+    scorer.train()
+    for epoch in range(position["epoch"], cfg.epochs):
+        if step >= total_steps:
+            break
+        collator.set_epoch(epoch)
+        corruption_epoch = 0 if n_corruption_epochs == 1 else epoch
+        batches = micro_batches(epoch_order(len(records), cfg.seed, epoch), cfg.micro_batch_size, rank, world, steps_per_epoch, accum)
+        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        for step_in_epoch in range(first, steps_per_epoch):
+            if step >= total_steps:
+                break
+            step_metrics = []
+            for micro in range(accum):
+                chunk = [records[i] for i in batches[step_in_epoch * accum + micro]]
+                batch = move_batch(collator(chunk), device)
+                if cache is not None:
+                    ref = cache.lookup([r.sample_id for r in chunk], corruption_epoch).to(device)
+                else:
+                    ref = reference_logps(accelerator.unwrap_model(scorer), batch, reference_model)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(scorer)
+                with sync:
+                    loss, metrics = criterion(policy_logps=scorer(batch), ref_logps=ref)
+                    accelerator.backward(loss / accum)
+                step_metrics.append(metrics)
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # One host sync per optimizer step: mean over micro-batches, then over processes.
+            keys = step_metrics[0].keys()
+            stacked = torch.stack([torch.stack([m[k] for m in step_metrics]).mean() for k in keys])
+            stacked = accelerator.reduce(stacked, reduction="mean")
+            row = {"step": step, "epoch": epoch, **dict(zip(keys, stacked.tolist())),
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            history.append(row)
+            if log_file is not None:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+                if writer is not None:
+                    for k, v in row.items():
+                        if k not in ("step", "epoch"):
+                            writer.add_scalar(k, v, step)
+            bar.set_postfix(loss=f"{row['loss/total']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            bar.update(1)
+            at_epoch_end = step_in_epoch + 1 == steps_per_epoch
+            next_pos = {"epoch": epoch + 1, "step_in_epoch": 0} if at_epoch_end else {"epoch": epoch, "step_in_epoch": step_in_epoch + 1}
+            next_pos["global_step"] = step
+            if (cfg.save_every and step % cfg.save_every == 0) or at_epoch_end or step == total_steps:
+                save_checkpoint(out, accelerator, scorer, optimizer, scheduler, next_pos, cfg)
+    bar.close()
+    if log_file is not None:
+        log_file.close()
+    if writer is not None:
+        writer.close()
+
+    # --- save the final weights
+    model = accelerator.unwrap_model(scorer).model
+    final_dir = out / "final"
+    if accelerator.is_main_process:
+        model.save_pretrained(final_dir)  # peft adapter format for LoRA, full weights otherwise
+        loaded.processor.save_pretrained(final_dir)
+        if cfg.save_merged and hasattr(model, "merge_and_unload"):
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            loaded.processor.save_pretrained(out / "merged")
+    accelerator.wait_for_everyone()
+    plots = save_plots(metrics_path, out / "plots") if (cfg.plots and accelerator.is_main_process) else []
+    summary = {
+        "steps": step, "epochs": cfg.epochs, "pairs_per_step": cfg.effective_batch_size, "records": len(records),
+        "skipped_records": [{"index": i, "id": s, "reason": r} for i, s, r in skipped],
+        "first": history[0] if history else None, "last": history[-1] if history else None,
+        "seconds": round(time.perf_counter() - started, 2), "processes": world,
+        "output_dir": str(out), "final": str(final_dir), "plots": [str(p) for p in plots],
+    }
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    first, last = summary["first"], summary["last"]
+    print(f"\nmDPO run finished: {summary['steps']} optimizer steps on {summary['records']} records "
+          f"({summary['pairs_per_step']} pairs/step, {summary['processes']} process(es)) in {summary['seconds']} s")
+    if first and last:
+        for key in ("loss/total", "loss/dpo", "loss/conditional", "loss/anchor", "rewards/accuracies", "rewards/conditional_accuracies"):
+            if key in last:
+                print(f"  {key:32s} first {first[key]: .4f}   last {last[key]: .4f}")
+    if summary["skipped_records"]:
+        print(f"  skipped {len(summary['skipped_records'])} bad record(s): see summary.json")
+    print(f"  outputs: {summary['output_dir']} (metrics.jsonl, tensorboard/, plots/, final/)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("usage: mdpo-train [CONFIG.yaml] [key=value ...]   e.g. mdpo-train configs/tiny-cpu.yaml max_steps=5")
+        return 0
+    config_path = argv.pop(0) if argv and "=" not in argv[0] else None
+    try:
+        cfg = load_config(config_path, argv)
+        train(cfg)
+    except (ConfigError, StaleCacheError) as exc:
+        print(f"mdpo-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The training path on tiny random models: step-0 agreement, learning, the reference cache, resume,
+two CPU processes, and the errors for bad configs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdpo.config import load_config
+from mdpo.data import CorruptionConfig, PreferenceCollator, load_records, make_sample
+from mdpo.loss import MDPOLoss
+from mdpo.models import apply_lora, build_preset
+from mdpo.reference_cache import StaleCacheError
+from mdpo.scoring import SequenceScorer, reference_logps
+from mdpo.train import compute_reference_cache, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ["tiny-llava", "tiny-qwen2-vl", "tiny-idefics3"]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    make_sample(out, n=16, seed=3)
+    return out / "data.json"
+
+
+def _policy(preset, sample, objective="mdpo"):
+    loaded = build_preset(preset, seed=0)
+    loaded.model = apply_lora(loaded.model, loaded.family, r=8, alpha=16, dropout=0.0)
+    records = load_records(sample, processor=loaded.processor, max_length=256).records
+    collator = PreferenceCollator(loaded.processor, objective=objective, max_length=256, corruption=CorruptionConfig(), family=loaded.family)
+    collator.set_epoch(0)
+    return loaded, SequenceScorer(loaded.model, loaded.adapter), collator, records
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_step0_rewards_are_zero_and_loss_is_3ln2(preset, sample):
+    loaded, scorer, collator, records = _policy(preset, sample)
+    batch = collator(records[:3])
+    scorer.train()
+    policy = scorer(batch)
+    ref = reference_logps(scorer, batch)
+    loss, metrics = MDPOLoss()(policy_logps=policy, ref_logps=ref)
+    assert policy.shape == (9,) and torch.all(policy < 0)
+    assert metrics["rewards/chosen"].item() == 0 and metrics["rewards/corrupted"].item() == 0
+    assert loss.item() == pytest.approx(3 * math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss(preset, sample):
+    loaded, scorer, collator, records = _policy(preset, sample)
+    batch = collator(records[:2])
+    ref = reference_logps(scorer, batch)
+    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=2e-3)
+    criterion, losses = MDPOLoss(beta=0.5), []
+    for _ in range(6):
+        loss, _ = criterion(policy_logps=scorer(batch), ref_logps=ref)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2-vl"])
+def test_cached_reference_logps_equal_live_ones(preset, sample):
+    loaded, scorer, collator, records = _policy(preset, sample)
+    # Make the policy differ from the reference, so "adapters disabled" is really tested.
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    fingerprint = {"objective.branches": ["chosen", "rejected", "corrupted"]}
+    cache = compute_reference_cache(scorer, records[:4], collator, fingerprint, 2, 2, torch.device("cpu"), None, False)
+    for epoch in (0, 1):
+        collator.set_epoch(epoch)
+        chunk = records[2:4]
+        live = reference_logps(scorer, collator(chunk))
+        torch.testing.assert_close(cache.lookup([r.sample_id for r in chunk], epoch), live, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(cache.corrupted[0], cache.corrupted[1])  # each epoch has its own crop
+    assert not torch.allclose(scorer(collator(chunk)).detach(), live)  # the policy is not the reference
+
+
+def _overrides(sample, out, *extra):
+    return [f"data.path={sample}", f"output_dir={out}", "model.preset=tiny-llava", "micro_batch_size=2",
+            "effective_batch_size=4", "epochs=2", "lr=1e-3", "model.lora_r=8", "model.lora_alpha=16",
+            "progress_bar=false", "tensorboard=false", "data.max_length=256", *extra]
+
+
+def _losses(out):
+    return [json.loads(line)["loss/total"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_outputs_and_refuses_a_stale_cache(sample, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(load_config(None, _overrides(sample, out, "max_steps=3", "save_merged=true")))
+    assert summary["steps"] == 3 and summary["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
+    for name in ("metrics.jsonl", "summary.json", "reference_logps.pt", "final/adapter_config.json", "plots/losses.png",
+                 "merged/config.json", "checkpoints/step-000003/state.pt"):
+        assert (out / name).exists(), name
+    # A second run reuses the cache ...
+    train(load_config(None, _overrides(sample, out, "max_steps=1")))
+    assert "reusing" in capsys.readouterr().out
+    # ... and a run with another corruption seed is refused, naming what differs.
+    with pytest.raises(StaleCacheError, match=r"corruption: cache has"):
+        train(load_config(None, _overrides(sample, out, "max_steps=1", "data.corruption_seed=9")))
+    assert main([*_overrides(sample, out, "max_steps=1", "data.crop_area=[0.2, 0.5]")]) == 2
+    assert "computed for a different setting" in capsys.readouterr().err
+
+
+def test_full_finetune_with_a_live_reference(sample, tmp_path):
+    out = tmp_path / "full-live"
+    summary = train(load_config(None, _overrides(sample, out, "max_steps=2", "model.finetune=full", "reference.mode=live",
+                                                 "model.preset=tiny-qwen2-vl", "objective=mdpo_no_conditional", "lr=1e-4")))
+    assert summary["first"]["loss/total"] == pytest.approx(2 * math.log(2), abs=1e-5)  # DPO + anchor terms, rewards 0
+    assert "rewards/corrupted" not in summary["first"] and not (out / "reference_logps.pt").exists()
+
+
+def test_resume_matches_an_uninterrupted_run(sample, tmp_path):
+    full = tmp_path / "full"
+    train(load_config(None, _overrides(sample, full, "max_steps=5", "save_every=2")))
+    ckpt = full / "checkpoints" / "step-000002"
+    assert (ckpt / "adapter" / "adapter_config.json").exists()
+    resumed = tmp_path / "resumed"
+    train(load_config(None, _overrides(sample, resumed, "max_steps=5", f"resume_from={ckpt}",
+                                       f"reference.cache_path={full / 'reference_logps.pt'}")))
+    assert _losses(resumed) == _losses(full)[2:]  # steps 3..5, bit for bit (LoRA dropout included)
+
+
+def test_two_cpu_processes_through_accelerate(sample, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train",
+           *_overrides(sample, out, "max_steps=2", "model.lora_dropout=0")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    assert summary["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
+
+
+def test_bad_configs_give_clear_errors(sample, tmp_path, capsys):
+    assert main([*_overrides(sample, tmp_path / "a"), "model.preset=null", f"model.path={tmp_path / 'nope'}"]) == 2
+    assert f"model.path={tmp_path / 'nope'}: no such model folder" in capsys.readouterr().err
+    assert main(_overrides(tmp_path / "missing.json", tmp_path / "b")) == 2
+    assert "no such dataset file" in capsys.readouterr().err
+    assert main([*_overrides(sample, tmp_path / "c"), "optimizer=sgd"]) == 2
+    assert "unknown key(s) optimizer" in capsys.readouterr().err
+    assert main([str(tmp_path / "nothing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
