@@ -1,0 +1,508 @@
+"""Benchmark of a whole mDPO training step on a LLaVA-1.5-7B-shaped model with random weights.
+
+    python -m benchmarks.train_step                         # GPU: 32 text + 24 vision layers, 336 px, LoRA r=64, bf16, 2 pairs
+    python -m benchmarks.train_step --device cpu            # CPU: 2 text + 1 vision layers, 112 px, 1 pair, fp32
+    python -m benchmarks.train_step --quick                 # smoke run (CPU: 1 text layer, 56 px; GPU: 4 text layers)
+    python -m benchmarks.train_step --text-layers 32 --pairs 4 --grad-ckpt --providers ours,paper
+
+A step is what the user waits for: forward over the rows, loss, backward, gradient clipping (max norm
+1.0) and an AdamW step (lr 1e-5), then `zero_grad(set_to_none=True)`. Not in the step, for every
+provider alike: data collation and the host-to-device copy of the batch (the batch is built once on
+the device), the LR scheduler, and metric logging (the paper code's 13 `.cpu()` syncs per step are not
+reproduced, which favours the paper pattern).
+
+The model: `LlavaForConditionalGeneration` built from a `LlavaConfig` with random weights — Llama text
+model H = 4096, intermediate 11008, 32 heads (no GQA), V = 32000; CLIP-L/14-shaped vision tower
+(hidden 1024, intermediate 4096, 16 heads, patch 14, features from layer −2, CLS dropped: 336 px →
+576 image tokens); 2-layer GELU MLP projector. The layer counts and image size are flags, so it runs
+on a 24 GiB CPU (a few layers) and on one 80 GB GPU (all layers). LoRA r = 64, α = 128, dropout 0.05 on
+every linear layer of the language model (`mdpo.models.apply_lora`; vision tower, projector and LM head
+frozen), or `--full` fine-tuning of the language model and LM head (`freeze_for_full_finetune`).
+
+A row is [BOS | image tokens | prompt | response]; only the response is supervised. Rows are laid out
+[chosen | rejected | corrupted], B each: chosen and rejected share the image, the corrupted row repeats
+the chosen response with another image. No padding (every row has the same length T).
+
+Providers (side by side, one process for time; on the CPU each in its own child process for memory):
+  ours      what `mdpo/train.py` does per micro-batch: ONE policy forward over the 3B rows through
+            `SequenceScorer` (the adapter's last hidden states → `linear_sequence_logprobs`: only the
+            response tokens meet the LM head, no logits), `MDPOLoss`, and reference log-probs read from a
+            cache (computed once in setup, adapters off — not part of the step; the (3B,) CPU tensor is
+            copied to the device each step, as `cache.lookup(...).to(device)` does)
+  ours-live the same forward, with the reference computed live (one no-grad call over 3B rows,
+            adapters off) — train.py's `reference.mode: live`; shows what the cache saves
+  paper     the paper code's pattern (an old TRL DPOTrainer subclass): two policy calls per step
+            (chosen+rejected, 2B rows; then corrupted, B rows), then the reference live under no_grad
+            with the LoRA adapters disabled, again two calls over all 3B rows; full logits from
+            `model(**batch).logits`, cast `.to(float32)`, `log_softmax` + `gather` + masked sum
+            (`_get_batch_logps`); the policy's fp32 logits stay alive until the loss (the paper code
+            returns them for its logit metrics)
+  trl-dpo   plain DPO the (old) TRL way, for scale: one policy call over 2B rows, the live reference
+            over the same 2B rows, full logits + log_softmax as above; `objective="dpo"`
+With `--full` there are no adapters to switch off: the live providers use a frozen deep copy of the
+model as the reference (TRL's `ref_model`), which also counts in their resident memory.
+
+Reported per provider: time per step (median, 20/80 %), tokens/s (all tokens of the rows the policy
+processes: 3B·T for ours/paper, 2B·T for trl-dpo), peak memory — "extra" (the harness's figure: above
+what is resident before the step: weights, optimizer state, batch) and "total" (CUDA: the allocator's
+peak during one step, `max_memory_allocated`; CPU: resident bytes counted from the tensors + the
+measured extra) — and the ratios of each provider to `paper` and to `trl-dpo`.
+Targets (printed, never asserted): GPU — ours ≥ 1.5× the paper pattern's tokens/s at ≤ 0.6× its peak
+memory; CPU — ratios only. The CPU runs few layers, so the LM head's and the logits' share of time and
+memory is much larger there than in the 32-layer model: read CPU ratios as a check, not a forecast.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+
+import torch
+
+from benchmarks import _harness as H
+
+IGNORE = -100
+BETA = 0.1
+LR = 1e-5
+MAX_GRAD_NORM = 1.0
+ALL_PROVIDERS = ["ours", "ours-live", "paper", "trl-dpo"]
+BASELINES = ("paper", "trl-dpo")
+
+# LLaVA-1.5-7B: Vicuna-7B text model + CLIP ViT-L/14-336 + 2-layer MLP projector.
+LLAVA_15_7B = dict(
+    hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000,
+    vision_hidden=1024, vision_intermediate=4096, vision_heads=16, patch=14,
+)
+# Per-device defaults of the flags (any flag given on the command line wins).
+DEFAULTS = {
+    "cuda": dict(text_layers=32, vision_layers=24, pairs=2, prompt_tokens=64, response_tokens=128, image_size=336),
+    "cuda-quick": dict(text_layers=4, vision_layers=2, pairs=2, prompt_tokens=64, response_tokens=128, image_size=336),
+    "cpu": dict(text_layers=2, vision_layers=1, pairs=1, prompt_tokens=32, response_tokens=64, image_size=112),
+    "cpu-quick": dict(text_layers=1, vision_layers=1, pairs=1, prompt_tokens=16, response_tokens=32, image_size=56),
+}
+
+# Per-provider facts recorded by `setup` in this process (tokens, resident bytes, CUDA peak of the last call).
+STATS: dict[str, dict] = {}
+_MODEL_CACHE: dict[str, tuple] = {}
+
+
+# ----------------------------------------------------------------------------------------------- model
+def image_tokens(shape: dict) -> int:
+    """CLIP patches per image; the "default" feature strategy drops the CLS token."""
+    return (shape["image_size"] // shape["patch"]) ** 2
+
+
+def seq_len(shape: dict) -> int:
+    return image_tokens(shape) + shape["prompt_tokens"] + shape["response_tokens"]
+
+
+def llava_config(shape: dict):
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_intermediate"],
+            num_hidden_layers=shape["vision_layers"], num_attention_heads=shape["vision_heads"],
+            image_size=shape["image_size"], patch_size=shape["patch"], projection_dim=768, hidden_act="quick_gelu",
+        ),
+        text_config=dict(
+            model_type="llama", hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+            num_hidden_layers=shape["text_layers"], num_attention_heads=shape["heads"],
+            num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"], rms_norm_eps=1e-5,
+            max_position_embeddings=max(4096, seq_len(shape)), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ),
+        # The original LLaVA-1.5 splices images at a sentinel id outside the vocabulary; HF needs an id
+        # inside it: the last one, never drawn as a text token here.
+        image_token_id=shape["vocab"] - 1, projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )
+
+
+def get_model(shape: dict, options: dict):
+    """(model, adapter): the LoRA (peft) or full-fine-tuning model, built once per process and shape.
+
+    The providers of one run share it (weights on the device are built once); each provider's setup
+    makes its own optimizer, whose state is freed with the provider's step function.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from mdpo.models import apply_lora, enable_gradient_checkpointing, freeze_for_full_finetune, get_adapter
+    from mdpo.models.loading import choose_attn_implementation
+
+    model_keys = ("text_layers", "vision_layers", "image_size", "finetune", "lora_r", "lora_alpha", "grad_ckpt",
+                  *LLAVA_15_7B.keys())
+    key = json.dumps({**{k: shape[k] for k in model_keys}, "device": options["device"], "dtype": options["dtype"]}, sort_keys=True)
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    _MODEL_CACHE.clear()
+    device, dtype = torch.device(options["device"]), getattr(torch, options["dtype"])
+    config = llava_config(shape)
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # weights drawn on the device itself
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration._from_config(
+            config, attn_implementation=choose_attn_implementation(device), dtype=dtype)
+    adapter = get_adapter("llava")
+    adapter.check_fused_head(model)
+    if shape["finetune"] == "lora":
+        model = apply_lora(model, adapter, r=shape["lora_r"], alpha=shape["lora_alpha"], dropout=0.05)
+    else:
+        freeze_for_full_finetune(model, adapter)
+    if shape["grad_ckpt"]:
+        enable_gradient_checkpointing(model)
+    model.train()
+    _MODEL_CACHE[key] = (model, adapter)
+    return model, adapter
+
+
+def make_batch(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """3B rows [chosen | rejected | corrupted] of length T = image tokens + prompt + response.
+
+    input_ids (3B, T) with the image token placed `image_tokens` times after BOS; labels = input_ids on
+    the response, −100 elsewhere; pixel_values (3B, 3, S, S): chosen and rejected share an image, the
+    corrupted rows get another one.
+    """
+    pairs, vocab = shape["pairs"], shape["vocab"]
+    gen = torch.Generator().manual_seed(1)
+
+    def text(n):  # ids 3 … V−2: not pad/BOS/EOS, not the image token
+        return torch.randint(3, vocab - 1, (pairs, n), generator=gen)
+
+    prompt = text(shape["prompt_tokens"])
+    prompt[:, 0] = 1  # BOS
+    image = torch.full((pairs, image_tokens(shape)), vocab - 1)
+    prefix = torch.cat([prompt[:, :1], image, prompt[:, 1:]], dim=1)
+    chosen, rejected = text(shape["response_tokens"]), text(shape["response_tokens"])
+    input_ids = torch.cat([torch.cat([prefix, resp], dim=1) for resp in (chosen, rejected, chosen)])
+    labels = input_ids.clone()
+    labels[:, : prefix.shape[1]] = IGNORE
+    size = shape["image_size"]
+    original = torch.randn(pairs, 3, size, size, generator=gen)
+    corrupted = torch.randn(pairs, 3, size, size, generator=gen)
+    pixel_values = torch.cat([original, original, corrupted])
+    return {
+        "input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": pixel_values.to(device=device, dtype=dtype), "labels": labels.to(device),
+    }
+
+
+def rows_of(batch: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+def make_scorer(model, adapter):
+    """(scorer module, where it came from): the trainer's own SequenceScorer."""
+    from mdpo.scoring import SequenceScorer
+
+    return SequenceScorer(model, adapter), "mdpo.scoring.SequenceScorer"
+
+
+def adapters_off(model):
+    """The frozen reference of a LoRA model: the same model with its adapters switched off."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
+def full_logits_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The paper code's / old TRL's `_get_batch_logps` on `outputs.logits.to(torch.float32)`. (R,) fp32.
+
+    Materialises (R, T, V) fp32 logits and a (R, T, V) fp32 log_softmax (saved for backward).
+    """
+    logits = logits.to(torch.float32)[:, :-1]
+    labels = labels[:, 1:]
+    mask = labels != IGNORE
+    per_token = torch.gather(logits.log_softmax(-1), 2, torch.where(mask, labels, 0).unsqueeze(2)).squeeze(2)
+    return (per_token * mask).sum(-1)
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- factory
+def setup(provider: str, shape: dict, mode: str, options: dict):
+    """Model, batch, optimizer (and cache) for one provider; returns the one-step callable (see `_harness`)."""
+    from mdpo.loss import MDPOLoss, mdpo_loss
+
+    if mode != "step":
+        raise ValueError(f"mode {mode!r}: this benchmark has one mode, 'step'")
+    if provider not in ALL_PROVIDERS:
+        raise ValueError(f"provider {provider!r} is not one of {ALL_PROVIDERS}")
+    device, dtype = torch.device(options["device"]), getattr(torch, options["dtype"])
+    model, adapter = get_model(shape, options)
+    batch = make_batch(shape, device, dtype)
+    pairs = shape["pairs"]
+    lora = shape["finetune"] == "lora"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+    reference_model = None
+    if provider != "ours" and not lora:  # live reference without adapters: a frozen copy (TRL's ref_model)
+        reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+    on_cuda = device.type == "cuda"
+    stats = STATS.setdefault(provider, {})
+
+    def finish(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_cuda:  # allocator statistic, no sync; the last call is the harness's memory call
+            stats["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+
+    if provider in ("ours", "ours-live"):
+        scorer, stats["scorer"] = make_scorer(model, adapter)
+        ref_scorer = scorer if reference_model is None else make_scorer(reference_model, adapter)[0]
+        criterion = MDPOLoss(beta=BETA)
+        ref_cache = None
+        if provider == "ours":  # the cache, computed once before training (train.py: compute_reference_cache)
+            scorer.eval()
+            with torch.no_grad(), adapters_off(model):
+                ref_cache = scorer(batch).float().cpu()
+            scorer.train()
+
+        def step():
+            if ref_cache is not None:
+                ref = ref_cache.to(device, non_blocking=True)  # cache.lookup(ids).to(device)
+            else:
+                with torch.no_grad(), adapters_off(model):
+                    ref = ref_scorer(batch)
+            loss, _metrics = criterion(policy_logps=scorer(batch), ref_logps=ref)
+            finish(loss)
+
+        policy_rows = 3 * pairs
+        extra_resident = [] if ref_cache is None else [ref_cache]
+    elif provider == "paper":
+        chosen_rejected, corrupted = rows_of(batch, 0, 2 * pairs), rows_of(batch, 2 * pairs, 3 * pairs)
+        ref_model = model if reference_model is None else reference_model
+
+        def branch_logps(net, rows):
+            logits = net(**model_inputs(rows), use_cache=False).logits.to(torch.float32)
+            return full_logits_logps(logits, rows["labels"]), logits
+
+        def step():
+            # concatenated_forward(policy): chosen+rejected in one call, then the corrupted image
+            pol_cr, logits_cr = branch_logps(model, chosen_rejected)
+            pol_k, logits_k = branch_logps(model, corrupted)
+            with torch.no_grad(), (adapters_off(model) if reference_model is None else contextlib.nullcontext()):
+                ref_cr, _ = branch_logps(ref_model, chosen_rejected)
+                ref_k, _ = branch_logps(ref_model, corrupted)
+            loss, metrics = mdpo_loss(torch.cat([pol_cr, pol_k]), torch.cat([ref_cr, ref_k]), beta=BETA)
+            metrics["logits/chosen"] = logits_cr.detach().mean()  # kept alive until here, as in the paper code
+            metrics["logits/imageless_chosen"] = logits_k.detach().mean()
+            del logits_cr, logits_k
+            finish(loss)
+
+        policy_rows = 3 * pairs
+        extra_resident = []
+    else:  # trl-dpo
+        chosen_rejected = rows_of(batch, 0, 2 * pairs)
+        ref_model = model if reference_model is None else reference_model
+
+        def step():
+            pol = full_logits_logps(model(**model_inputs(chosen_rejected), use_cache=False).logits, chosen_rejected["labels"])
+            with torch.no_grad(), (adapters_off(model) if reference_model is None else contextlib.nullcontext()):
+                ref = full_logits_logps(ref_model(**model_inputs(chosen_rejected), use_cache=False).logits, chosen_rejected["labels"])
+            loss, _metrics = mdpo_loss(pol, ref, beta=BETA, objective="dpo")
+            finish(loss)
+
+        policy_rows = 2 * pairs
+        extra_resident = []
+
+    T = seq_len(shape)
+    # Resident before a step (after the first): weights (+ reference copy), AdamW's two moments, the batch.
+    weights = list(model.parameters()) + list(model.buffers())
+    if reference_model is not None:
+        weights += list(reference_model.parameters()) + list(reference_model.buffers())
+    stats.update(
+        policy_rows=policy_rows, T=T, tokens=policy_rows * T, supervised=policy_rows * shape["response_tokens"],
+        resident_bytes=_tensor_bytes(weights) + 2 * _tensor_bytes(trainable) + _tensor_bytes(batch.values())
+        + _tensor_bytes(extra_resident),
+    )
+    return step
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def annotate(rows: list[dict], device: str) -> None:
+    """tokens/s, resident and total peak memory, and ratios to each baseline present."""
+    for row in rows:
+        stats = STATS.get(row["provider"], {})
+        for key in ("policy_rows", "T", "tokens", "supervised", "resident_bytes", "scorer"):
+            if key in stats:
+                row[key] = stats[key]
+        if "ms_median" in row and "tokens" in row:
+            row["tokens_per_s"] = row["tokens"] / (row["ms_median"] * 1e-3)
+        if row.get("peak_mem_bytes") is not None:
+            if device == "cuda" and "cuda_peak_bytes" in stats:
+                row["peak_total_bytes"], row["total_method"] = stats["cuda_peak_bytes"], "cuda max_memory_allocated"
+            elif "resident_bytes" in stats:
+                row["peak_total_bytes"] = stats["resident_bytes"] + row["peak_mem_bytes"]
+                row["total_method"] = "resident (counted) + extra (measured)"
+    for base in BASELINES:
+        ref = next((r for r in rows if r["provider"] == base), None)
+        if ref is None:
+            continue
+        H.add_ratios(rows, base)
+        for row in rows:
+            if row.get("tokens_per_s") and ref.get("tokens_per_s"):
+                row[f"throughput_vs_{base}"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            if row.get("peak_total_bytes") and ref.get("peak_total_bytes"):
+                row[f"total_mem_vs_{base}"] = row["peak_total_bytes"] / ref["peak_total_bytes"]
+
+
+def summary_table(rows: list[dict]) -> str:
+    gib = lambda b: "—" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+    ratio = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
+    header = ["provider", "policy rows × T", "median s", "tokens/s", "peak extra GiB", "resident GiB", "peak total GiB",
+              "tok/s vs paper", "total mem vs paper", "tok/s vs trl-dpo", "total mem vs trl-dpo"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if "ms_median" not in r:
+            lines.append(f"| {r['provider']} | {r.get('error') or 'skipped: ' + str(r.get('skipped'))} |" + " |" * (len(header) - 2))
+            continue
+        lines.append("| " + " | ".join([
+            r["provider"], f"{r.get('policy_rows')} × {r.get('T')}", f"{r['ms_median'] / 1e3:.3f}",
+            f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "—",
+            gib(r.get("peak_mem_bytes")), gib(r.get("resident_bytes")), gib(r.get("peak_total_bytes")),
+            ratio(r.get("throughput_vs_paper")), ratio(r.get("total_mem_vs_paper")),
+            ratio(r.get("throughput_vs_trl-dpo")), ratio(r.get("total_mem_vs_trl-dpo")),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def target_report(rows: list[dict], device: str) -> list[str]:
+    by = {r["provider"]: r for r in rows}
+    ours, lines = by.get("ours"), []
+    if not ours or "ms_median" not in ours:
+        return ["ours has no timing: no ratios"]
+    fmt = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
+    for base in BASELINES:
+        peer = by.get(base)
+        if not peer:
+            continue
+        if "ms_median" not in peer:
+            lines.append(f"ours vs {base}: {base} did not run ({peer.get('error') or peer.get('skipped')})")
+            continue
+        tput, total, extra = ours.get(f"throughput_vs_{base}"), ours.get(f"total_mem_vs_{base}"), ours.get(f"mem_vs_{base}")
+        text = (f"ours vs {base}: tokens/s {fmt(tput)}, peak total memory {fmt(total)}, peak extra memory {fmt(extra)}")
+        if device == "cuda" and base == "paper":
+            ok_t = tput is not None and tput >= 1.5
+            ok_total = total is not None and total <= 0.6
+            ok_extra = extra is not None and extra <= 0.6
+            text += (f" — target tokens/s ≥ 1.5×: {'REACHED' if ok_t else 'not reached'}; peak memory ≤ 0.6×: "
+                     f"{'REACHED' if ok_total else 'not reached'} on the total peak, "
+                     f"{'REACHED' if ok_extra else 'not reached'} on the extra above weights + optimizer state")
+        elif device != "cuda":
+            text += " (CPU: ratios only, no target)"
+        lines.append(text)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> list[dict]:
+    parser = H.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), default_modes=("step",))
+    parser.add_argument("--text-layers", type=int, default=None, help="Llama decoder layers (LLaVA-1.5-7B: 32)")
+    parser.add_argument("--vision-layers", type=int, default=None, help="CLIP encoder layers (CLIP-L: 24)")
+    parser.add_argument("--pairs", type=int, default=None, help="preference pairs B per step (3B policy rows)")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="text prompt tokens per row, BOS included (besides the image tokens)")
+    parser.add_argument("--response-tokens", type=int, default=None, help="response tokens per row (the supervised ones)")
+    parser.add_argument("--image-size", type=int, default=None, help="image side in pixels, a multiple of 14 (336 → 576 image tokens)")
+    finetune = parser.add_mutually_exclusive_group()
+    finetune.add_argument("--lora", dest="finetune", action="store_const", const="lora", help="LoRA on the language model (default)")
+    finetune.add_argument("--full", dest="finetune", action="store_const", const="full", help="full fine-tuning of the language model + LM head")
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--lora-alpha", type=int, default=128)
+    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every decoder layer")
+    parser.add_argument("--budget-s", type=float, default=None, help="timing budget per provider (reps = budget / one step, ≥ 3; 2 with --quick)")
+    args = parser.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_type = torch.device(device).type
+    dtype = args.dtype or ("bfloat16" if dev_type == "cuda" else "float32")
+    if args.modes != "step":
+        raise SystemExit("--modes: this benchmark has one mode, 'step'")
+    defaults = DEFAULTS[("cuda" if dev_type == "cuda" else "cpu") + ("-quick" if args.quick else "")]
+    flags = {k: getattr(args, k) for k in defaults}
+    shape = {**LLAVA_15_7B, **{k: (v if v is not None else defaults[k]) for k, v in flags.items()},
+             "finetune": args.finetune or "lora", "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "grad_ckpt": args.grad_ckpt}
+    for key in ("text_layers", "vision_layers", "pairs", "prompt_tokens", "response_tokens", "lora_r"):
+        if shape[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be ≥ 1, got {shape[key]}")
+    if shape["image_size"] < shape["patch"] or shape["image_size"] % shape["patch"]:
+        raise SystemExit(f"--image-size must be a positive multiple of the patch size {shape['patch']}, got {shape['image_size']}")
+    providers = args.providers.split(",") if args.providers else (
+        ALL_PROVIDERS if dev_type == "cuda" else ["ours", "paper", "trl-dpo"])
+    unknown = sorted(set(providers) - set(ALL_PROVIDERS))
+    if unknown:
+        raise SystemExit(f"--providers: unknown {unknown}; known: {ALL_PROVIDERS}")
+    options = {"device": device, "dtype": dtype}
+
+    # Build the model once here: it is shared by the providers and its size goes into the notes.
+    model, adapter = get_model(shape, options)
+    total_params = sum(p.numel() for p in model.parameters())
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _, scorer_source = make_scorer(model, adapter)
+    del model
+    from mdpo_kernels import dispatch
+
+    T, n_img = seq_len(shape), image_tokens(shape)
+    tuning = f"LoRA r={shape['lora_r']} α={shape['lora_alpha']}" if shape["finetune"] == "lora" else "full fine-tuning"
+    notes = [
+        f"model: LLaVA-1.5-7B shape with {shape['text_layers']}/32 text layers (H {shape['hidden']}, I {shape['intermediate']}, "
+        f"{shape['heads']} heads, V {shape['vocab']}) and {shape['vision_layers']}/24 CLIP-L layers at {shape['image_size']} px "
+        f"({n_img} image tokens); {total_params / 1e9:.2f} B parameters, {trainable_params / 1e6:.1f} M trainable ({tuning}); "
+        f"{dtype}; gradient checkpointing {'on' if shape['grad_ckpt'] else 'off'}",
+        f"batch: {shape['pairs']} pair(s) → rows of T = {T} tokens ({n_img} image + {shape['prompt_tokens']} prompt incl. BOS + "
+        f"{shape['response_tokens']} response, only the response supervised); policy rows: 3B = {3 * shape['pairs']} "
+        f"(ours, ours-live, paper), 2B = {2 * shape['pairs']} (trl-dpo)",
+        f"ours: {scorer_source}; fused LM head's log-softmax through impl '{dispatch.resolve_impl(torch.device(device))}'",
+        "step = forward(s) + loss + backward + clip_grad_norm_(1.0) + AdamW step; reference cache (ours) built in setup",
+        "peak extra: above weights + optimizer state + batch (CPU: each provider in its own process); peak total: "
+        + ("CUDA allocator peak of one step" if dev_type == "cuda" else "counted resident bytes + measured extra"),
+    ]
+    for note in notes:
+        print("#", note, flush=True)
+
+    spec = H.BenchSpec(
+        name="train_step", module="benchmarks.train_step", factory="setup", providers=providers, shapes=[shape],
+        modes=["step"], options=options,
+        shape_label=lambda s: (f"L{s['text_layers']}+V{s['vision_layers']} {s['image_size']}px B{s['pairs']} "
+                               f"T{seq_len(s)} {'lora' + str(s['lora_r']) if s['finetune'] == 'lora' else 'full'}"
+                               f"{' ckpt' if s['grad_ckpt'] else ''}"),
+    )
+    tag = dev_type + ("-quick" if args.quick else "") + ("-full" if shape["finetune"] == "full" else "") + ("-ckpt" if shape["grad_ckpt"] else "")
+    rows: list[dict] = []
+    paths: dict = {}
+    for provider in providers:  # one provider at a time, reports rewritten after each: a killed run keeps its rows
+        rows += H.run_benchmark(dataclasses.replace(spec, providers=[provider]), setup, quick=args.quick,
+                                measure_memory=not args.no_memory, budget_s=args.budget_s)
+        for row in rows:
+            for key in [k for k in row if k.startswith(("speedup_vs_", "mem_vs_", "throughput_vs_", "total_mem_vs_"))]:
+                del row[key]
+        annotate(rows, dev_type)
+        targets = target_report(rows, dev_type)
+        paths = H.write_reports(rows, "train_step", tag, notes=notes + ["target: " + t for t in targets], results_dir=args.results_dir)
+        with open(paths["md"], "a") as md:
+            md.write("\n## Per step\n\n" + summary_table(rows) + "\n")
+    _MODEL_CACHE.clear()
+    print()
+    print(summary_table(rows))
+    print()
+    for line in target_report(rows, dev_type):
+        print("target:", line)
+    print("wrote", ", ".join(paths.values()))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
