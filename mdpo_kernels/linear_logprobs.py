@@ -165,7 +165,9 @@ class _Head:
             out.addmm_(grad_logits[:, v0:v1], block)
         return out
 
-    def weight_grad(self, acc: torch.Tensor, grad_logits: torch.Tensor, low: torch.Tensor | None, scaled_h: torch.Tensor, first: bool) -> None:
+    def weight_grad(
+        self, acc: torch.Tensor, grad_logits: torch.Tensor, low: torch.Tensor | None, scaled_h: torch.Tensor, first: bool
+    ) -> None:
         """acc (V, H) fp32 (+)= Dᵀ hs; `first` overwrites, so `acc` needs no zero-filling pass."""
         if self.mode == "out_dtype":  # in blocks of rows: no fp32 temporary beyond the block
             hs = scaled_h.to(self.weight.dtype)
@@ -267,8 +269,8 @@ class LinearSequenceLogprobsFunction(torch.autograd.Function):
         lse = torch.empty(plan.n_tokens, dtype=torch.float32, device=device)
         buffer = torch.empty(plan.chunk, head.vocab, dtype=torch.float32, device=device)
         # Frozen head: D W per token, (N, H) fp32, formed here; the backward only scales it by g_tok.
-        # (Allocated after the first projection, whose gathered hidden rows are then freed: the peak
-        # stays one chunk + one (n, H) block.)
+        # Allocated after the first projection, once that chunk's gathered hidden rows are freed, so
+        # the two (·, H) blocks never add to the chunk at the same time.
         frozen = need_hidden and not recompute
         back_unscaled = torch.empty(0, head.hidden_size, dtype=torch.float32, device=device)
         for n0, n1 in plan.spans():
@@ -370,12 +372,16 @@ def _check_inputs(hidden, weight, labels, bias) -> None:
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size H = {hidden.shape[2]} (expected (V, {hidden.shape[2]}))")
+        raise ValueError(
+            f"weight shape {tuple(weight.shape)} does not match hidden size H = {hidden.shape[2]} (expected (V, {hidden.shape[2]}))"
+        )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary (V = 0)")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must be a 1-D tensor of size V = {weight.shape[0]}; got shape {tuple(getattr(bias, 'shape', ()))}")
+            raise ValueError(
+                f"bias must be a 1-D tensor of size V = {weight.shape[0]}; got shape {tuple(getattr(bias, 'shape', ()))}"
+            )
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias dtype {bias.dtype} does not match weight dtype {weight.dtype}")
         if bias.device != weight.device:
@@ -432,6 +438,7 @@ def linear_sequence_logprobs(
         n_tokens, n_bad = torch.stack([supervised.sum(), bad.sum()]).tolist()
         if n_bad:
             check_label_range(labels, vocab, ignore_index, shift)  # raises, naming the first bad label
+        del bad
     else:
         n_tokens = int(supervised.sum())  # CPU–GPU sync point (the one per call)
     flat = _nonzero_exact(supervised.view(-1), n_tokens)
@@ -448,10 +455,12 @@ def linear_sequence_logprobs(
         ignore_index=ignore_index,
         impl=impl,
     )
+    counts = supervised.sum(-1).clamp(min=1) if average else None
+    del target, supervised, flat  # (R, T) temporaries: dead before the chunk buffer is allocated
     if with_autograd:
         logps = LinearSequenceLogprobsFunction.apply(hidden, weight, bias, plan)
     else:  # forward only (the reference pass): nothing is kept for a backward
         logps = _forward_only(hidden, weight, bias, plan)
     if average:
-        logps = logps / supervised.sum(-1).clamp(min=1)
+        logps = logps / counts
     return logps
