@@ -89,7 +89,7 @@ def test_cached_reference_logps_equal_live_ones(preset, sample):
 def _overrides(sample, out, *extra):
     return [f"data.path={sample}", f"output_dir={out}", "model.preset=tiny-llava", "micro_batch_size=2",
             "effective_batch_size=4", "epochs=2", "lr=1e-3", "model.lora_r=8", "model.lora_alpha=16",
-            "progress_bar=false", "tensorboard=false", "data.max_length=256", *extra]
+            "progress_bar=false", "tensorboard=false", "data.max_length=256", "model.dtype=float32", *extra]
 
 
 def _losses(out):
@@ -129,12 +129,16 @@ def test_resume_matches_an_uninterrupted_run(sample, tmp_path):
     resumed = tmp_path / "resumed"
     train(load_config(None, _overrides(sample, resumed, "max_steps=5", f"resume_from={ckpt}",
                                        f"reference.cache_path={full / 'reference_logps.pt'}")))
-    assert _losses(resumed) == _losses(full)[2:]  # steps 3..5, bit for bit (LoRA dropout included)
+    if torch.cuda.is_available():  # cuBLAS may pick other kernels for a new process: equal to rounding
+        assert _losses(resumed) == pytest.approx(_losses(full)[2:], rel=1e-5)
+    else:
+        assert _losses(resumed) == _losses(full)[2:]  # steps 3..5, bit for bit (LoRA dropout included)
 
 
 def test_two_cpu_processes_through_accelerate(sample, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # Two CPU processes (gloo), also on a GPU machine: hide the GPU from the children.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train",
            *_overrides(sample, out, "max_steps=2", "model.lora_dropout=0")]
