@@ -500,3 +500,17 @@ if __name__ == "__main__":
         _child_main(sys.argv[2])
     else:
         print(__doc__)
+
+
+def report(rows: list[dict], prefix: str, device_tag: str, targets: list[str], *, notes: list[str] | None = None,
+           results_dir: Path | str | None = None) -> dict:
+    """Print the table and one `target:` line each, then write JSON / markdown / PNG (see write_reports)."""
+    print()
+    print_table(rows)
+    print()
+    for line in targets:
+        print("target:", line)
+    paths = write_reports(rows, prefix, device_tag, notes=(notes or []) + ["target: " + t for t in targets],
+                          results_dir=results_dir)
+    print("wrote", ", ".join(paths.values()))
+    return paths

@@ -238,14 +238,8 @@ def main(argv=None) -> list[dict]:
     )
     rows = H.run_benchmark(spec, setup, quick=args.quick, measure_memory=not args.no_memory, budget_s=args.budget_s)
     targets = target_report(rows, torch.device(device).type)
-    print()
-    H.print_table(rows)
-    print()
-    for line in targets:
-        print("target:", line)
-    paths = H.write_reports(rows, "linear_logprobs", torch.device(device).type + ("-quick" if args.quick else ""),
-                            notes=notes + ["target: " + t for t in targets], results_dir=args.results_dir)
-    print("wrote", ", ".join(paths.values()))
+    H.report(rows, "linear_logprobs", torch.device(device).type + ("-quick" if args.quick else ""), targets,
+             notes=notes, results_dir=args.results_dir)
     return rows
 
 
