@@ -29,11 +29,13 @@ class SequenceScorer(torch.nn.Module):
         )
 
     def reference_context(self):
-        """The frozen reference: the same model with its LoRA adapters switched off."""
+        """The frozen reference: the same model with its LoRA adapters switched off.
+
+        Without adapters (full fine-tuning) the model itself is returned unchanged: that is only the
+        reference before the first update (the cached pass); live training passes a separate copy.
+        """
         disable = getattr(self.model, "disable_adapter", None)
-        if disable is None:
-            raise RuntimeError("the reference-as-adapters-off trick needs a peft model; pass a separate reference model")
-        return disable()
+        return disable() if disable is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -41,7 +43,7 @@ def reference_logps(scorer: SequenceScorer, batch: dict, reference_model: torch.
     """Reference log-probs of a batch: adapters disabled, or a separate frozen model; forward only."""
     if reference_model is not None:
         return SequenceScorer(reference_model, scorer.adapter, average=scorer.average, impl=scorer.impl)(batch)
-    with scorer.reference_context() if hasattr(scorer.model, "disable_adapter") else contextlib.nullcontext():
+    with scorer.reference_context():
         return scorer(batch)
 
 

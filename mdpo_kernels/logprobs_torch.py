@@ -47,9 +47,7 @@ def backward(grad_logps, logits, target, lse, ignore_index: int, inplace: bool):
         tgt = target[r, t0:t1]
         keep = (tgt != ignore_index).to(torch.float32) * grad_logps[r]  # g_r at supervised positions, else 0
         # d logp / d logits = g · (onehot(target) − softmax); one fp32 buffer, updated in place.
-        g = logits[r, t0:t1].float()  # a copy for bf16/fp16 (and fp32 when not in place, see below)
-        if g.data_ptr() == logits[r, t0:t1].data_ptr():
-            g = g.clone()
+        g = logits[r, t0:t1].to(torch.float32, copy=True)  # one chunk-sized fp32 buffer
         g.sub_(lse[r, t0:t1].unsqueeze(-1)).exp_().mul_(-keep.unsqueeze(-1))
         g.scatter_add_(-1, tgt.clamp(min=0).unsqueeze(-1), keep.unsqueeze(-1))
         grad[r, t0:t1] = g
