@@ -31,12 +31,15 @@ BACKWARD_MAX_BLOCK_V = 4096
 FORCE_BLOCK_V: int | None = None
 
 
-def _block_and_warps(vocab: int, max_block: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocabulary of `vocab` entries; the last block is masked."""
+def _block_and_warps(vocab: int, max_block: int, *, interpreting: bool = INTERPRETING) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary of `vocab` entries; the last block is masked.
+
+    `interpreting` defaults to this process's mode; tests pass False to get the compiled-GPU choice.
+    """
     if FORCE_BLOCK_V is not None:
         block = FORCE_BLOCK_V
     else:
-        block = min(triton.next_power_of_2(vocab), INTERPRET_MAX_BLOCK_V if INTERPRETING else max_block)
+        block = min(triton.next_power_of_2(vocab), INTERPRET_MAX_BLOCK_V if interpreting else max_block)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return block, num_warps
 
