@@ -191,13 +191,27 @@ def _fast_tokenizer(special: dict[str, str], extra_special: list[str], model_inp
     return tokenizer
 
 
-def _pil_or_default(name: str):
-    """The image-processor class by name; the explicit Pillow backend when this transformers has it
-    and torchvision is absent (avoids a fallback warning on every build), else the plain class."""
+def _image_processor_class(name: str):
+    """The image-processor class that `AutoImageProcessor.from_pretrained` picks for `name` here.
+
+    transformers 5.x has a torchvision and a Pillow backend per image processor and chooses between
+    them on load (per-model defaults, whether torchvision imports). Building with that same choice
+    makes a tiny processor give the same pixels in memory ("tiny:FAMILY") and reloaded from the folder
+    it was saved to. The chooser is private to transformers: where it is missing, Pillow when there
+    is no torchvision, else the plain class.
+    """
     import importlib.util
 
     import transformers
 
+    try:
+        from transformers.models.auto.image_processing_auto import _load_backend_class, _resolve_backend
+
+        chosen = _load_backend_class(name, _resolve_backend(None, None, name))
+        if chosen is not None:
+            return chosen
+    except (ImportError, TypeError, ValueError, KeyError):  # another transformers: fall through
+        pass
     if importlib.util.find_spec("torchvision") is None and hasattr(transformers, name + "Pil"):
         return getattr(transformers, name + "Pil")
     return getattr(transformers, name)
@@ -271,7 +285,7 @@ def build_tiny_processor(family: str, save_dir: str | os.PathLike | None = None)
             ["input_ids", "attention_mask"],
             bos_template=True,
         )
-        image_processor = _pil_or_default("CLIPImageProcessor")(
+        image_processor = _image_processor_class("CLIPImageProcessor")(
             size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
         )
         processor = LlavaProcessor(
@@ -291,7 +305,7 @@ def build_tiny_processor(family: str, save_dir: str | os.PathLike | None = None)
         )
         # 112×112 px → 8×8 patches of 14 px → 64 rows of 3·2·14·14 = 1176 values; merge 2×2 → 16 tokens.
         pixels = 112 * 112
-        image_processor = _pil_or_default("Qwen2VLImageProcessor")(
+        image_processor = _image_processor_class("Qwen2VLImageProcessor")(
             size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14, temporal_patch_size=2, merge_size=2
         )
         processor = _qwen_processor(key, image_processor, tokenizer)
@@ -306,7 +320,7 @@ def build_tiny_processor(family: str, save_dir: str | os.PathLike | None = None)
             bos_template=False,
         )
         # 64 px, patch 8 → 8×8 patches; pixel shuffle with scale_factor 2 → 16 tokens; no splitting.
-        image_processor = _pil_or_default("Idefics3ImageProcessor")(
+        image_processor = _image_processor_class("Idefics3ImageProcessor")(
             size={"longest_edge": 64}, max_image_size={"longest_edge": 64}, do_image_splitting=False
         )
         processor = Idefics3Processor(
@@ -321,7 +335,7 @@ def build_tiny_processor(family: str, save_dir: str | os.PathLike | None = None)
             ["input_ids", "attention_mask"],
             bos_template=False,
         )
-        image_processor = _pil_or_default("SiglipImageProcessor")(size={"height": 56, "width": 56})
+        image_processor = _image_processor_class("SiglipImageProcessor")(size={"height": 56, "width": 56})
         image_processor.image_seq_length = n  # SigLIP 56 px / patch 14 → 16 tokens
         processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     if save_dir is not None:
