@@ -97,17 +97,21 @@ class BenchSpec:
 
 # ----------------------------------------------------------------------------------------------- stamps
 def _git_revision() -> str:
+    """Short HEAD, "+dirty" when tracked files changed; MDPO_GIT_REV names it for a copy without .git."""
+    if os.environ.get("MDPO_GIT_REV"):
+        return os.environ["MDPO_GIT_REV"]
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
-        head = rev.stdout.strip() if rev.returncode == 0 else "no-commit"
+        if rev.returncode != 0:
+            return "unknown (no git repository; set MDPO_GIT_REV)"
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
-        return head + ("+dirty" if dirty.stdout.strip() else "")
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown (git not runnable; set MDPO_GIT_REV)"
 
 
 def _cpu_name() -> str:

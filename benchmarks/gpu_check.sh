@@ -13,7 +13,9 @@
 #
 # Environment: PYTHON (default: python, else python3); GPU_CHECK_BUDGET_S (default 345: every step
 # together, the 6-minute budget less start-up); GPU_CHECK_SKIP_BUILD=1 (no C++ build);
-# GPU_CHECK_DRY_RUN=1.
+# GPU_CHECK_DRY_RUN=1; GPU_CHECK_ARCHIVE=FILE.tar.gz (also pack OUT_DIR into that one file, for a
+# machine that hands back few files); MDPO_GIT_REV=REV (the revision to stamp on every result where
+# the tree is a copy without .git: `MDPO_GIT_REV=$(git rev-parse --short HEAD)` where it was copied from).
 #
 # Each step runs under `timeout` with its own cap, never past the overall deadline; a failed or
 # timed-out step is recorded and the next one runs. Steps marked "extra" run only if time is left.
@@ -81,7 +83,11 @@ if [ "$DRY" != "1" ]; then
     fi
     {
         echo "date: $(date -u +%FT%TZ)"
-        echo "repo: $REPO  git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
+        if [ -n "${MDPO_GIT_REV:-}" ]; then GIT_REV="$MDPO_GIT_REV (MDPO_GIT_REV)"
+        elif GIT_REV=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); then
+            git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && GIT_REV+="+dirty"
+        else GIT_REV="unknown (no git repository; set MDPO_GIT_REV)"; fi
+        echo "repo: $REPO  git: $GIT_REV"
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
         "$PY" - <<'EOF' 2>&1
 import importlib, platform, torch
@@ -184,3 +190,7 @@ run_step linear_logprobs_b 35 extra \
         echo "$RESULTS"
     fi
 } | tee "$OUT/summary.txt"
+
+if [ -n "${GPU_CHECK_ARCHIVE:-}" ] && [ "$DRY" != "1" ]; then
+    tar -czf "$GPU_CHECK_ARCHIVE" -C "$OUT" . && echo "archive: $GPU_CHECK_ARCHIVE ($(du -h "$GPU_CHECK_ARCHIVE" | cut -f1))"
+fi
