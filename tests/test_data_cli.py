@@ -55,6 +55,21 @@ def test_make_sample_is_reproducible(tmp_path):
     assert (tmp_path / "a/images/00003.png").read_bytes() == (tmp_path / "b/images/00003.png").read_bytes()
 
 
+def test_make_sample_writes_a_held_out_set_that_leaves_the_training_set_as_it_was(tmp_path, capsys):
+    assert main(["make-sample", str(tmp_path / "with"), "--n", "6", "--eval", "4", "--seed", "9"]) == 0
+    assert "4 held-out records" in capsys.readouterr().out
+    assert main(["make-sample", str(tmp_path / "without"), "--n", "6", "--eval", "0", "--seed", "9"]) == 0
+    assert not (tmp_path / "without" / "eval.json").exists()
+    train_rows = json.loads((tmp_path / "with" / "data.json").read_text())
+    assert train_rows == json.loads((tmp_path / "without" / "data.json").read_text())
+    eval_rows = json.loads((tmp_path / "with" / "eval.json").read_text())
+    assert len(eval_rows) == 4
+    assert not {r["id"] for r in eval_rows} & {r["id"] for r in train_rows}
+    assert not {r["image"] for r in eval_rows} & {r["image"] for r in train_rows}
+    assert all((tmp_path / "with" / r["image"]).is_file() for r in eval_rows)
+    assert load_records(tmp_path / "with" / "eval.json").num_read == 4
+
+
 def test_check_passes_on_good_data(sample_dir, capsys):
     assert main(["check", str(sample_dir / "data.json")]) == 0
     out = capsys.readouterr().out

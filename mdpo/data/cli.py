@@ -2,7 +2,7 @@
 
     mdpo-data check DATASET [--image-root DIR] [--processor DIR] [--max-length N]
     mdpo-data preview DATASET --out FILE.png [-n 8] [--strategy crop] [--area LOW HIGH] [--seed 0]
-    mdpo-data make-sample OUT_DIR [--n 200] [--seed 0] [--image-size 64]
+    mdpo-data make-sample OUT_DIR [--n 200] [--eval 40] [--seed 0] [--image-size 64]
 
 Exit codes: 0 success; 1 `check` found bad records; 2 bad usage or a dataset that cannot be read.
 """
@@ -90,8 +90,9 @@ def _preview(args) -> int:
 def _make_sample(args) -> int:
     from .sample import make_sample
 
-    path = make_sample(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size)
-    print(f"wrote {path} ({args.n} records, images in {path.parent / 'images'})")
+    path = make_sample(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size, n_eval=args.eval)
+    held_out = f" and {path.parent / 'eval.json'} ({args.eval} held-out records)" if args.eval else ""
+    print(f"wrote {path} ({args.n} records){held_out}, images in {path.parent / 'images'}")
     return 0
 
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("make-sample", help="write a small synthetic dataset of rendered scenes")
     sample.add_argument("out_dir")
     sample.add_argument("--n", type=int, default=200)
+    sample.add_argument("--eval", type=int, default=40, help="held-out records written to eval.json (0: none)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--image-size", type=int, default=64)
     sample.set_defaults(func=_make_sample)

@@ -8,8 +8,10 @@ changes one fact (a wrong count, colour or position, a missing or an invented ob
 keeps the scene's exact object list (`objects`: shape, colour, position, bbox in pixels) for
 hallucination metrics.
 
-Output: OUT_DIR/data.json (a JSON list of plain-shape records) and OUT_DIR/images/NNNNN.png. The
-random generator is `random.Random(seed)`: the same seed writes the same files.
+Output: OUT_DIR/data.json (a JSON list of plain-shape records) and OUT_DIR/images/NNNNN.png, and with
+n_eval > 0 a held-out OUT_DIR/eval.json (images/eval-NNNNN.png), drawn after the training records so
+that data.json does not depend on n_eval. The random generator is `random.Random(seed)`: the same
+seed writes the same files.
 """
 from __future__ import annotations
 
@@ -131,27 +133,39 @@ def _question(rng: random.Random, objects: list[dict]) -> tuple[str, str, str, s
     return kind, "Describe the image.", chosen, _describe(hallucinated)
 
 
-def make_sample(out_dir: str | os.PathLike, n: int = 200, seed: int = 0, image_size: int = 64) -> Path:
-    """Write n records and their images to out_dir; returns the path of data.json."""
+def _write_records(path: Path, records: list[dict]) -> None:
+    # A JSON list with one record a line: easy to read, diff and grep.
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n", encoding="utf-8")
+
+
+def _make_records(rng: random.Random, out: Path, n: int, image_size: int, prefix: str) -> list[dict]:
+    records = []
+    for i in range(n):
+        objects = _scene(rng, image_size)
+        background = tuple(rng.randint(225, 250) for _ in range(3))
+        image_name = f"images/{prefix}{i:05d}.png"
+        render_scene(objects, image_size, background).save(out / image_name, optimize=False, compress_level=1)
+        kind, question, chosen, rejected = _question(rng, objects)
+        records.append({
+            "id": f"sample-{prefix}{i:05d}", "image": image_name, "question": question, "chosen": chosen,
+            "rejected": rejected, "question_type": kind, "objects": objects,
+        })
+    return records
+
+
+def make_sample(out_dir: str | os.PathLike, n: int = 200, seed: int = 0, image_size: int = 64, n_eval: int = 0) -> Path:
+    """Write n records and their images to out_dir (and n_eval held-out ones); returns data.json's path."""
     if n <= 0:
         raise ValueError(f"n={n} must be positive")
+    if n_eval < 0:
+        raise ValueError(f"n_eval={n_eval} must be 0 or more")
     if image_size < 24:
         raise ValueError(f"image_size={image_size} must be at least 24 pixels")
     rng = random.Random(seed)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n):
-        objects = _scene(rng, image_size)
-        background = tuple(rng.randint(225, 250) for _ in range(3))
-        image_name = f"images/{i:05d}.png"
-        render_scene(objects, image_size, background).save(out / image_name, optimize=False, compress_level=1)
-        kind, question, chosen, rejected = _question(rng, objects)
-        records.append({
-            "id": f"sample-{i:05d}", "image": image_name, "question": question, "chosen": chosen, "rejected": rejected,
-            "question_type": kind, "objects": objects,
-        })
     path = out / "data.json"
-    # A JSON list with one record a line: easy to read, diff and grep.
-    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n", encoding="utf-8")
+    _write_records(path, _make_records(rng, out, n, image_size, prefix=""))
+    if n_eval:
+        _write_records(out / "eval.json", _make_records(rng, out, n_eval, image_size, prefix="eval-"))
     return path
