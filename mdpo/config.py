@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = "sample_data/data.json"  # JSON list or JSONL of preference records
+    eval_path: str | None = None  # held-out records (same format, same image_root) scored during training
     image_root: str | None = None  # image paths are relative to this (default: the dataset's folder)
     on_bad_record: str = "error"  # error | skip (skipped records are counted and listed)
     max_length: int = 2048  # tokens per row, image tokens included; the prompt text is cut first
@@ -76,6 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at each epoch's end)
+    eval_every: int = 0  # with data.eval_path: evaluate every N optimizer steps (always before step 1 and after the last)
     save_merged: bool = False  # also save LoRA-merged full weights at the end
     resume_from: str | None = None  # a checkpoint folder written by a previous run
     kernel_impl: str | None = None  # force triton | native | torch | reference for the log-prob ops
@@ -214,6 +216,10 @@ def validate(config: TrainConfig) -> None:
     for key in ("micro_batch_size", "effective_batch_size", "epochs"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {getattr(config, key)}")
+    if config.eval_every < 0:
+        raise ConfigError(f"eval_every must be ≥ 0, got {config.eval_every}")
+    if config.eval_every and config.data.eval_path is None:
+        raise ConfigError(f"eval_every={config.eval_every} needs data.eval_path (a file of held-out records)")
     if config.effective_batch_size % config.micro_batch_size:
         raise ConfigError(
             f"effective_batch_size={config.effective_batch_size} must be a multiple of micro_batch_size={config.micro_batch_size}"

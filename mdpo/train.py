@@ -4,7 +4,9 @@ One readable file: setup -> reference pass -> train -> save. Each micro-batch is
 over its 3B rows [chosen | rejected | corrupted]; the language model's last hidden states go through
 the fused LM head (`linear_sequence_logprobs`), so only response tokens reach the vocabulary and no
 logits are built; the reference log-probs come from a cache computed once before training
-(`reference.mode: cached`) or from a forward with the LoRA adapters disabled (`live`).
+(`reference.mode: cached`) or from a forward with the LoRA adapters disabled (`live`). With
+`data.eval_path`, held-out pairs are scored before step 1, every `eval_every` steps and after the last
+(`mdpo.evaluate`).
 """
 from __future__ import annotations
 
@@ -80,8 +82,35 @@ def micro_batches(order: list[int], micro: int, rank: int, world: int, steps: in
     return batches
 
 
-def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int) -> dict:
-    """Everything the reference log-probs depend on (see reference_cache)."""
+def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelerator, train_ids: set[str]):
+    """(held-out records, their own collator) from data.eval_path, or ([], None) without one.
+
+    Read like the training records (same image_root, bad-record policy and max_length). Ids shared
+    with the training records are reported: those pairs are not held out.
+    """
+    from .data import PreferenceCollator, load_records
+
+    if cfg.data.eval_path is None:
+        return [], None
+    result = load_records(cfg.data.eval_path, image_root=cfg.data.image_root, on_bad_record=cfg.data.on_bad_record,
+                          processor=loaded.processor, max_length=cfg.data.max_length)
+    for index, sample_id, reason in result.skipped:
+        accelerator.print(f"skipped held-out record {index} (id {sample_id}): {reason}")
+    records = result.records
+    if len(records) < world:
+        raise ConfigError(f"data.eval_path={cfg.data.eval_path}: {len(records)} usable record(s), fewer than the {world} processes")
+    shared = [r.sample_id for r in records if r.sample_id in train_ids]
+    if shared:
+        accelerator.print(f"warning: {len(shared)} held-out record id(s) are also training records, e.g. {shared[:3]}")
+    collator = PreferenceCollator(loaded.processor, objective=cfg.objective, max_length=cfg.data.max_length,
+                                  corruption=corruption, family=loaded.family)
+    if cfg.data.corruption == "random_image" and hasattr(collator, "set_image_pool"):
+        collator.set_image_pool(records)
+    return records, collator
+
+
+def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int, data_path: str | None = None) -> dict:
+    """Everything the reference log-probs of the records in `data_path` (default: data.path) depend on."""
     spec = get_objective(cfg.objective)
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
@@ -89,7 +118,7 @@ def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epoch
         "model.source": loaded.source, "model.family": loaded.family, "model.dtype": str(next(base.parameters()).dtype),
         "model.weights": weights_digest(base),
         "processor": f"{type(loaded.processor).__name__}:{len(tokenizer)}",
-        "data.sha256": file_digest(cfg.data.path), "data.image_root": cfg.data.image_root, "data.records": n_records,
+        "data.sha256": file_digest(data_path or cfg.data.path), "data.image_root": cfg.data.image_root, "data.records": n_records,
         "data.max_length": cfg.data.max_length, "data.on_bad_record": cfg.data.on_bad_record,
         "corruption": [cfg.data.corruption, list(cfg.data.crop_area), cfg.data.corruption_seed, cfg.data.same_corruption_every_epoch],
         "corruption.epochs": n_corruption_epochs,
@@ -127,9 +156,14 @@ def compute_reference_cache(scorer, records, collator, fingerprint, n_corruption
     return ReferenceCache(fingerprint, ids, chosen, rejected, corrupted)
 
 
-def prepare_reference_cache(cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model):
-    """Load the cache if it matches this run, else compute it on the main process and share the file."""
-    path = Path(cfg.reference.cache_path or Path(cfg.output_dir) / "reference_logps.pt")
+def reference_cache_paths(cfg: TrainConfig) -> tuple[Path, Path]:
+    """(training records' cache, held-out records' cache): reference.cache_path and a "-eval" sibling."""
+    train_path = Path(cfg.reference.cache_path or Path(cfg.output_dir) / "reference_logps.pt")
+    return train_path, train_path.with_name(f"{train_path.stem}-eval{train_path.suffix}")
+
+
+def prepare_reference_cache(path: Path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model):
+    """Load the cache at `path` if it matches this run, else compute it on the main process and share the file."""
     if path.exists():
         cache = ReferenceCache.load(path, fingerprint)  # raises StaleCacheError listing what differs
         accelerator.print(f"reference log-probs: reusing {path}")
@@ -193,14 +227,17 @@ def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler) -> di
 
 
 # ------------------------------------------------------------------------------------- reporting
-def save_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
-    """PNG curves of the loss terms, branch rewards, margins and accuracies."""
+def save_plots(metrics_path: Path, out_dir: Path, eval_metrics_path: Path | None = None) -> list[Path]:
+    """PNG curves of the loss terms, branch rewards, margins and accuracies; held-out ones dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    def read(path):
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path and path.exists() else []
+
+    rows, eval_rows = read(metrics_path), read(eval_metrics_path)
     if not rows:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +247,10 @@ def save_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
-                ax.plot(*zip(*pts), label=key.split("/")[-1])
+                (line,) = ax.plot(*zip(*pts), label=key.split("/")[-1])
+                held_out = [(r["step"], r[key]) for r in eval_rows if key in r]
+                if held_out:
+                    ax.plot(*zip(*held_out), "--o", markersize=3, color=line.get_color(), label=f"{key.split('/')[-1]} (held-out)")
         ax.set_xlabel("optimizer step")
         ax.set_title(name)
         ax.legend(fontsize=8)
@@ -237,6 +277,9 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     if not Path(cfg.data.path).is_file():
         raise ConfigError(f"data.path={cfg.data.path}: no such dataset file (make one with `mdpo-data make-sample DIR`)")
+    if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).is_file():
+        raise ConfigError(f"data.eval_path={cfg.data.eval_path}: no such file of held-out records "
+                          "(`mdpo-data make-sample DIR` writes DIR/eval.json)")
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"model.path={cfg.model.path}: no such model folder")
     if accelerator.is_main_process:
@@ -260,6 +303,7 @@ def train(cfg: TrainConfig) -> dict:
                                   corruption=corruption, family=loaded.family)
     if cfg.data.corruption == "random_image" and hasattr(collator, "set_image_pool"):
         collator.set_image_pool(records)
+    eval_records, eval_collator = load_eval_records(cfg, loaded, corruption, world, accelerator, {r.sample_id for r in records})
 
     # --- schedule: effective batch = micro · accumulation · processes
     if cfg.effective_batch_size % (cfg.micro_batch_size * world):
@@ -280,10 +324,15 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- reference log-probs
     n_corruption_epochs = 1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs
-    cache = None
+    cache = eval_cache = None
     if cfg.reference.mode == "cached":
+        cache_path, eval_cache_path = reference_cache_paths(cfg)
         fingerprint = run_fingerprint(cfg, loaded, len(records), n_corruption_epochs)
-        cache = prepare_reference_cache(cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model)
+        cache = prepare_reference_cache(cache_path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model)
+        if eval_records:  # held-out pairs are always scored with epoch 0's corrupted image
+            eval_fingerprint = run_fingerprint(cfg, loaded, len(eval_records), 1, data_path=cfg.data.eval_path)
+            eval_cache = prepare_reference_cache(eval_cache_path, cfg, accelerator, scorer, eval_records, eval_collator,
+                                                 eval_fingerprint, 1, reference_model)
 
     # --- resume
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
@@ -299,8 +348,37 @@ def train(cfg: TrainConfig) -> dict:
 
         writer = SummaryWriter(str(out / "tensorboard"))
     log_file = open(metrics_path, "a" if cfg.resume_from else "w") if accelerator.is_main_process else None
+    eval_metrics_path, eval_history = out / "eval_metrics.jsonl", []
+    eval_file = open(eval_metrics_path, "a" if cfg.resume_from else "w") if (accelerator.is_main_process and eval_records) else None
+
+    def run_evaluation(at_step: int) -> None:
+        """Score the held-out pairs; one row in eval_metrics.jsonl (and TensorBoard under eval/)."""
+        from .evaluate import evaluate
+
+        metrics = evaluate(accelerator.unwrap_model(scorer), criterion, eval_records, eval_collator,
+                           micro_batch_size=cfg.micro_batch_size, device=device, reference=eval_cache,
+                           reference_model=reference_model, rank=rank, world=world,
+                           reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"))
+        row = {"step": at_step, **metrics}
+        eval_history.append(row)
+        if eval_file is not None:
+            eval_file.write(json.dumps(row) + "\n")
+            eval_file.flush()
+            if writer is not None:
+                for k, v in metrics.items():
+                    if k != "pairs":
+                        writer.add_scalar(f"eval/{k}", v, at_step)
+        line = (f"held-out @ step {at_step} ({metrics['pairs']} pairs): loss {metrics['loss/total']:.4f}, "
+                f"accuracy {metrics['rewards/accuracies']:.3f}")
+        if "rewards/conditional_accuracies" in metrics:
+            line += f", conditional accuracy {metrics['rewards/conditional_accuracies']:.3f}"
+        if accelerator.is_main_process:
+            bar.write(line)
+
     bar = tqdm(total=total_steps, initial=position["global_step"], desc="mDPO", disable=not (cfg.progress_bar and accelerator.is_main_process))
     step, history, started = position["global_step"], [], time.perf_counter()
+    if eval_records and step == 0:
+        run_evaluation(0)
     scorer.train()
     for epoch in range(position["epoch"], cfg.epochs):
         if step >= total_steps:
@@ -350,11 +428,14 @@ def train(cfg: TrainConfig) -> dict:
             at_epoch_end = step_in_epoch + 1 == steps_per_epoch
             next_pos = {"epoch": epoch + 1, "step_in_epoch": 0} if at_epoch_end else {"epoch": epoch, "step_in_epoch": step_in_epoch + 1}
             next_pos["global_step"] = step
+            if eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                run_evaluation(step)
             if (cfg.save_every and step % cfg.save_every == 0) or at_epoch_end or step == total_steps:
                 save_checkpoint(out, accelerator, scorer, optimizer, scheduler, next_pos, cfg)
     bar.close()
-    if log_file is not None:
-        log_file.close()
+    for file in (log_file, eval_file):
+        if file is not None:
+            file.close()
     if writer is not None:
         writer.close()
 
@@ -369,12 +450,14 @@ def train(cfg: TrainConfig) -> dict:
             merged.save_pretrained(out / "merged")
             loaded.processor.save_pretrained(out / "merged")
     accelerator.wait_for_everyone()
-    plots = save_plots(metrics_path, out / "plots") if (cfg.plots and accelerator.is_main_process) else []
+    plots = save_plots(metrics_path, out / "plots", eval_metrics_path if eval_records else None) if (cfg.plots and accelerator.is_main_process) else []
     summary = {
         "steps": step, "epochs": cfg.epochs, "pairs_per_step": cfg.effective_batch_size, "records": len(records),
         "skipped_records": [{"index": i, "id": s, "reason": r} for i, s, r in skipped],
         "first": history[0] if history else None, "last": history[-1] if history else None,
         "last_mean": mean_of_last(history),
+        "eval": {"path": cfg.data.eval_path, "pairs": len(eval_records), "first": eval_history[0], "last": eval_history[-1]}
+        if eval_history else None,
         "seconds": round(time.perf_counter() - started, 2), "processes": world,
         "output_dir": str(out), "final": str(final_dir), "plots": [str(p) for p in plots],
     }
@@ -400,9 +483,16 @@ def print_summary(summary: dict) -> None:
         for key in ("loss/total", "loss/dpo", "loss/conditional", "loss/anchor", "rewards/accuracies", "rewards/conditional_accuracies"):
             if key in last:
                 print(f"  {key:32s} step 1 {first[key]: .4f}   mean of the last {last['steps']} steps {last[key]: .4f}")
+    held_out = summary.get("eval")
+    if held_out:
+        first_eval, last_eval = held_out["first"], held_out["last"]
+        print(f"  held-out ({held_out['pairs']} pairs from {held_out['path']}):")
+        for key in ("loss/total", "rewards/accuracies", "rewards/conditional_accuracies", "rewards/margins"):
+            if key in last_eval:
+                print(f"    {key:30s} step {first_eval['step']} {first_eval[key]: .4f}   step {last_eval['step']} {last_eval[key]: .4f}")
     if summary["skipped_records"]:
         print(f"  skipped {len(summary['skipped_records'])} bad record(s): see summary.json")
-    print(f"  outputs: {summary['output_dir']} (metrics.jsonl, tensorboard/, plots/, final/)")
+    print(f"  outputs: {summary['output_dir']} (metrics.jsonl{', eval_metrics.jsonl' if held_out else ''}, tensorboard/, plots/, final/)")
 
 
 def main(argv: list[str] | None = None) -> int:

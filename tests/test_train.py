@@ -25,7 +25,7 @@ FAMILIES = ["tiny-llava", "tiny-qwen2-vl", "tiny-idefics3"]
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample")
-    make_sample(out, n=16, seed=3)
+    make_sample(out, n=16, seed=3, n_eval=5)
     return out / "data.json"
 
 
@@ -141,12 +141,16 @@ def test_two_cpu_processes_through_accelerate(sample, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train",
-           *_overrides(sample, out, "max_steps=2", "model.lora_dropout=0")]
+           *_overrides(sample, out, "max_steps=2", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2
     assert summary["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
+    # Held-out pairs shared 3 + 2 over the processes, sums reduced: all 5 counted, at steps 0 and 2.
+    assert summary["eval"]["pairs"] == 5 and summary["eval"]["first"]["pairs"] == 5
+    assert summary["eval"]["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
+    assert summary["eval"]["last"]["step"] == 2
 
 
 def test_bad_configs_give_clear_errors(sample, tmp_path, capsys):
