@@ -82,13 +82,24 @@ def micro_batches(order: list[int], micro: int, rank: int, world: int, steps: in
     return batches
 
 
+def make_collator(cfg: TrainConfig, loaded, corruption, records):
+    """The [chosen | rejected | corrupted] collator of a record set (random_image draws from `records`)."""
+    from .data import PreferenceCollator
+
+    collator = PreferenceCollator(loaded.processor, objective=cfg.objective, max_length=cfg.data.max_length,
+                                  corruption=corruption, family=loaded.family)
+    if cfg.data.corruption == "random_image" and hasattr(collator, "set_image_pool"):
+        collator.set_image_pool(records)
+    return collator
+
+
 def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelerator, train_ids: set[str]):
     """(held-out records, their own collator) from data.eval_path, or ([], None) without one.
 
     Read like the training records (same image_root, bad-record policy and max_length). Ids shared
     with the training records are reported: those pairs are not held out.
     """
-    from .data import PreferenceCollator, load_records
+    from .data import load_records
 
     if cfg.data.eval_path is None:
         return [], None
@@ -102,11 +113,7 @@ def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelera
     shared = [r.sample_id for r in records if r.sample_id in train_ids]
     if shared:
         accelerator.print(f"warning: {len(shared)} held-out record id(s) are also training records, e.g. {shared[:3]}")
-    collator = PreferenceCollator(loaded.processor, objective=cfg.objective, max_length=cfg.data.max_length,
-                                  corruption=corruption, family=loaded.family)
-    if cfg.data.corruption == "random_image" and hasattr(collator, "set_image_pool"):
-        collator.set_image_pool(records)
-    return records, collator
+    return records, make_collator(cfg, loaded, corruption, records)
 
 
 def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int, data_path: str | None = None) -> dict:
@@ -268,7 +275,7 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .data import CorruptionConfig, PreferenceCollator, load_records
+    from .data import CorruptionConfig, load_records
 
     # cpu=True on a machine without CUDA lets `accelerate launch` / torchrun run several CPU processes (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -299,10 +306,7 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.print(f"skipped record {index} (id {sample_id}): {reason}")
     corruption = CorruptionConfig(strategy=cfg.data.corruption, area=tuple(cfg.data.crop_area), seed=cfg.data.corruption_seed,
                                   same_every_epoch=cfg.data.same_corruption_every_epoch)
-    collator = PreferenceCollator(loaded.processor, objective=cfg.objective, max_length=cfg.data.max_length,
-                                  corruption=corruption, family=loaded.family)
-    if cfg.data.corruption == "random_image" and hasattr(collator, "set_image_pool"):
-        collator.set_image_pool(records)
+    collator = make_collator(cfg, loaded, corruption, records)
     eval_records, eval_collator = load_eval_records(cfg, loaded, corruption, world, accelerator, {r.sample_id for r in records})
 
     # --- schedule: effective batch = micro · accumulation · processes
@@ -348,6 +352,7 @@ def train(cfg: TrainConfig) -> dict:
 
         writer = SummaryWriter(str(out / "tensorboard"))
     log_file = open(metrics_path, "a" if cfg.resume_from else "w") if accelerator.is_main_process else None
+    bar = tqdm(total=total_steps, initial=position["global_step"], desc="mDPO", disable=not (cfg.progress_bar and accelerator.is_main_process))
     eval_metrics_path, eval_history = out / "eval_metrics.jsonl", []
     eval_file = open(eval_metrics_path, "a" if cfg.resume_from else "w") if (accelerator.is_main_process and eval_records) else None
 
@@ -375,7 +380,6 @@ def train(cfg: TrainConfig) -> dict:
         if accelerator.is_main_process:
             bar.write(line)
 
-    bar = tqdm(total=total_steps, initial=position["global_step"], desc="mDPO", disable=not (cfg.progress_bar and accelerator.is_main_process))
     step, history, started = position["global_step"], [], time.perf_counter()
     if eval_records and step == 0:
         run_evaluation(0)
