@@ -234,6 +234,18 @@ def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler) -> di
 
 
 # ------------------------------------------------------------------------------------- reporting
+def write_row(file, writer, row: dict, tag_prefix: str = "") -> None:
+    """One metrics row: a JSON line in `file` and its numbers in TensorBoard (main process: file is set)."""
+    if file is None:
+        return
+    file.write(json.dumps(row) + "\n")
+    file.flush()
+    if writer is not None:
+        for k, v in row.items():
+            if k not in ("step", "epoch", "pairs"):
+                writer.add_scalar(tag_prefix + k, v, row["step"])
+
+
 def save_plots(metrics_path: Path, out_dir: Path, eval_metrics_path: Path | None = None) -> list[Path]:
     """PNG curves of the loss terms, branch rewards, margins and accuracies; held-out ones dashed."""
     import matplotlib
@@ -366,13 +378,7 @@ def train(cfg: TrainConfig) -> dict:
                            reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"))
         row = {"step": at_step, **metrics}
         eval_history.append(row)
-        if eval_file is not None:
-            eval_file.write(json.dumps(row) + "\n")
-            eval_file.flush()
-            if writer is not None:
-                for k, v in metrics.items():
-                    if k != "pairs":
-                        writer.add_scalar(f"eval/{k}", v, at_step)
+        write_row(eval_file, writer, row, tag_prefix="eval/")
         line = (f"held-out @ step {at_step} ({metrics['pairs']} pairs): loss {metrics['loss/total']:.4f}, "
                 f"accuracy {metrics['rewards/accuracies']:.3f}")
         if "rewards/conditional_accuracies" in metrics:
@@ -420,13 +426,7 @@ def train(cfg: TrainConfig) -> dict:
             row = {"step": step, "epoch": epoch, **dict(zip(keys, stacked.tolist())),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
             history.append(row)
-            if log_file is not None:
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
-                if writer is not None:
-                    for k, v in row.items():
-                        if k not in ("step", "epoch"):
-                            writer.add_scalar(k, v, step)
+            write_row(log_file, writer, row)
             bar.set_postfix(loss=f"{row['loss/total']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
             bar.update(1)
             at_epoch_end = step_in_epoch + 1 == steps_per_epoch
