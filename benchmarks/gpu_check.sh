@@ -159,7 +159,10 @@ fi
 run_step tests 140 core "MDPO_TEST_DEVICE=cuda $PY -m pytest -q --durations=10 tests/"  # run_step tees it to OUT/tests.log
 run_step train_step 75 core \
     "$PY -m benchmarks.train_step --device cuda --dtype bfloat16 --budget-s 2 --results-dir $OUT/train_step"
-# Extras, while time is left: the other vocabulary, the other VLM shape, and checkpointed activations.
+# Extras, while time is left: the README's main job on the GPU (bf16, the trainer's CUDA path that the
+# fp32 tests do not take), the other vocabulary, checkpointed activations, the other VLM shape.
+run_step main_job 45 extra \
+    "$PY -m mdpo.data.cli make-sample $OUT/main_job/sample_data && $PY -m mdpo.train configs/tiny-cpu.yaml data.path=$OUT/main_job/sample_data/data.json data.eval_path=$OUT/main_job/sample_data/eval.json output_dir=$OUT/main_job/run progress_bar=false"
 run_step logprobs_v151936 40 extra \
     "$PY -m benchmarks.logprobs --device cuda --dtype bfloat16 --quick --shapes 16384x151936 --modes full --providers $LOGPROBS_PROVIDERS --results-dir $OUT/logprobs_v151936"
 run_step train_step_ckpt 60 extra \

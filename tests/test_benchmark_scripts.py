@@ -18,8 +18,8 @@ from benchmarks import _harness
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ("build", "logprobs", "linear_logprobs", "tests", "train_step", "logprobs_v151936", "train_step_ckpt",
-         "linear_logprobs_b")
+STEPS = ("build", "logprobs", "linear_logprobs", "tests", "train_step", "main_job", "logprobs_v151936",
+         "train_step_ckpt", "linear_logprobs_b")
 
 
 def _run_gpu_check(args: list[str], **env) -> subprocess.CompletedProcess:
