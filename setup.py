@@ -137,6 +137,7 @@ setup(
         "console_scripts": [
             "mdpo-train=mdpo.train:main",
             "mdpo-data=mdpo.data.cli:main",
+            "mdpo-eval=mdpo.evaluate:main",
         ]
     },
 )

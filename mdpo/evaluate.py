@@ -4,10 +4,15 @@ Every held-out pair's rows [chosen | rejected | corrupted] are scored by the pol
 and no gradients, against reference log-probs from a cache or computed live, and the loss's metrics
 (`MDPOLoss`: loss terms, rewards, margins, accuracies) are averaged over pairs. The corrupted image is
 the corruption of epoch 0 at every evaluation, so evaluations at different steps see the same inputs.
-`mdpo-train` runs it with `data.eval_path` (and `eval_every`) set.
+`mdpo-train` runs it with `data.eval_path` (and `eval_every`) set; `mdpo-eval CHECKPOINT [--data FILE]`
+scores a saved checkpoint.
 """
 from __future__ import annotations
 
+import copy
+import json
+import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -68,3 +73,72 @@ def evaluate(
     values = totals.tolist()
     pairs = values[-1]
     return {k: v / pairs for k, v in zip(keys, values[:-1])} | {"pairs": int(pairs)}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Score a checkpoint of `mdpo-train` on held-out records: the run's own model, objective and loss
+    settings (its config.json), the checkpoint's trained parameters, the reference live (adapters
+    disabled; for full fine-tuning the initial weights). -> {"checkpoint", "step", "data", metrics...}."""
+    from .config import ConfigError, load_config
+    from .data import CorruptionConfig, load_records
+    from .train import build_model, load_trainable, make_collator, make_criterion
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise ConfigError(f"checkpoint={checkpoint}: no config.json (give a folder under <output_dir>/checkpoints/)")
+    cfg = load_config(checkpoint / "config.json", list(overrides))  # JSON is YAML
+    data_path = data_path or cfg.data.eval_path
+    if data_path is None:
+        raise ConfigError(f"checkpoint={checkpoint}: its run had no data.eval_path; name the records with --data")
+    if not Path(data_path).is_file():
+        raise ConfigError(f"--data {data_path}: no such file of held-out records")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded, _ = build_model(cfg, device)
+    reference_model = None
+    if cfg.model.finetune == "full":  # the reference is the initial model: keep a copy before loading
+        reference_model = copy.deepcopy(loaded.model).eval().requires_grad_(False).to(device)
+    load_trainable(loaded.model, checkpoint, "checkpoint")
+    loaded.model.to(device)
+    records = load_records(data_path, image_root=cfg.data.image_root, on_bad_record=cfg.data.on_bad_record,
+                           processor=loaded.processor, max_length=cfg.data.max_length).records
+    corruption = CorruptionConfig(strategy=cfg.data.corruption, area=tuple(cfg.data.crop_area), seed=cfg.data.corruption_seed,
+                                  same_every_epoch=cfg.data.same_corruption_every_epoch)
+    scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl)
+    metrics = evaluate(scorer, make_criterion(cfg), records, make_collator(cfg, loaded, corruption, records),
+                       micro_batch_size=cfg.micro_batch_size, device=device, reference_model=reference_model)
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    return {"checkpoint": str(checkpoint), "step": state["position"]["global_step"], "data": str(data_path), **metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .config import ConfigError
+    from .reference_cache import StaleCacheError
+
+    parser = argparse.ArgumentParser(
+        prog="mdpo-eval", description="Score an mdpo-train checkpoint on held-out preference pairs (loss terms, rewards, accuracies).",
+        epilog="e.g. mdpo-eval outputs/tiny-cpu/checkpoints/step-000100 --data sample_data/eval.json")
+    parser.add_argument("checkpoint", help="a folder under <output_dir>/checkpoints/")
+    parser.add_argument("--data", help="held-out records (default: the run's data.eval_path)")
+    parser.add_argument("--out", help="JSON file for the figures (default: <checkpoint>/eval-<data file stem>.json)")
+    parser.add_argument("overrides", nargs="*", help="key=value changes to the run's config, e.g. micro_batch_size=8")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.overrides)
+    except (ConfigError, StaleCacheError, ValueError) as exc:
+        print(f"mdpo-eval: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(args.checkpoint) / f"eval-{Path(result['data']).stem}.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{result['checkpoint']} (step {result['step']}) on {result['data']}: {result['pairs']} pairs")
+    for key, value in result.items():
+        if "/" in key:
+            print(f"  {key:32s} {value: .4f}")
+    print(f"  written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -71,6 +71,12 @@ def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_records, generator=gen).tolist()
 
 
+def make_criterion(cfg: TrainConfig) -> MDPOLoss:
+    return MDPOLoss(beta=cfg.loss.beta, delta=cfg.loss.delta, objective=cfg.objective, dpo_weight=cfg.loss.dpo_weight,
+                    conditional_weight=cfg.loss.conditional_weight, anchor_weight=cfg.loss.anchor_weight,
+                    rejected_anchor=cfg.loss.rejected_anchor, corrupted_anchor=cfg.loss.corrupted_anchor)
+
+
 def micro_batches(order: list[int], micro: int, rank: int, world: int, steps: int, accum: int) -> list[list[int]]:
     """This process's micro-batches of an epoch: `steps · accum` lists of `micro` record indices."""
     per_step = micro * accum * world
@@ -209,18 +215,23 @@ def save_checkpoint(out: Path, accelerator, scorer, optimizer, scheduler, positi
     return ckpt
 
 
-def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler) -> dict:
-    if not (ckpt / "state.pt").is_file():
-        raise ConfigError(f"resume_from={ckpt}: not a checkpoint folder (no state.pt)")
-    model = accelerator.unwrap_model(scorer).model
+def load_trainable(model: torch.nn.Module, ckpt: Path, key: str) -> None:
+    """Copy a checkpoint's trained parameters (trainable.pt, by name) into `model`; `key` names the
+    setting that pointed at the checkpoint, for the error messages."""
+    if not (ckpt / "state.pt").is_file() or not (ckpt / "trainable.pt").is_file():
+        raise ConfigError(f"{key}={ckpt}: not a checkpoint folder (no state.pt / trainable.pt)")
     trainable = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
     params = dict(model.named_parameters())
     missing = sorted(set(trainable) - set(params))
     if missing:
-        raise ConfigError(f"resume_from={ckpt}: checkpoint parameters not in this model, e.g. {missing[:3]}")
+        raise ConfigError(f"{key}={ckpt}: checkpoint parameters not in this model, e.g. {missing[:3]}")
     with torch.no_grad():
         for name, value in trainable.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler) -> dict:
+    load_trainable(accelerator.unwrap_model(scorer).model, ckpt, "resume_from")
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -334,9 +345,7 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl)
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
-    criterion = MDPOLoss(beta=cfg.loss.beta, delta=cfg.loss.delta, objective=cfg.objective, dpo_weight=cfg.loss.dpo_weight,
-                         conditional_weight=cfg.loss.conditional_weight, anchor_weight=cfg.loss.anchor_weight,
-                         rejected_anchor=cfg.loss.rejected_anchor, corrupted_anchor=cfg.loss.corrupted_anchor)
+    criterion = make_criterion(cfg)
 
     # --- reference log-probs
     n_corruption_epochs = 1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs

@@ -153,3 +153,41 @@ def test_bad_evaluation_settings_are_named(sample, tmp_path, capsys):
         load_config(None, _overrides(sample, tmp_path / "a", "eval_every=-1", f"data.eval_path={sample[1]}"))
     assert main(_overrides(sample, tmp_path / "b", f"data.eval_path={tmp_path / 'nope.json'}")) == 2
     assert f"data.eval_path={tmp_path / 'nope.json'}: no such file of held-out records" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ mdpo-eval
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_mdpo_eval_of_the_last_checkpoint_repeats_the_runs_last_evaluation(sample, tmp_path, finetune, capsys):
+    """Same model state, same pairs: the CLI (live reference) gives the trainer's last held-out row."""
+    from mdpo.evaluate import main as eval_main
+
+    out = tmp_path / finetune
+    extra = ["model.finetune=full", "reference.mode=live", "lr=1e-4"] if finetune == "full" else []
+    summary = train(load_config(None, _overrides(sample, out, "max_steps=2", f"data.eval_path={sample[1]}", *extra)))
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert eval_main([str(checkpoint)]) == 0
+    result = json.loads((checkpoint / "eval-eval.json").read_text())
+    assert result["step"] == 2 and result["pairs"] == 5 and result["data"] == str(sample[1])
+    last = summary["eval"]["last"]
+    assert last["step"] == 2 and last["loss/total"] != pytest.approx(3 * math.log(2), abs=1e-3)  # it trained
+    for key in last:
+        if "/" in key:
+            assert result[key] == pytest.approx(last[key], abs=2e-4), key
+    assert "rewards/conditional_accuracies" in capsys.readouterr().out
+
+
+def test_mdpo_eval_names_what_is_missing(sample, tmp_path, capsys):
+    from mdpo.evaluate import main as eval_main
+
+    assert eval_main([str(tmp_path)]) == 2
+    assert f"checkpoint={tmp_path}: no config.json" in capsys.readouterr().err
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(sample, out, "max_steps=1")))
+    checkpoint = out / "checkpoints" / "step-000001"
+    assert eval_main([str(checkpoint)]) == 2
+    assert "its run had no data.eval_path; name the records with --data" in capsys.readouterr().err
+    assert eval_main([str(checkpoint), "--data", str(tmp_path / "nope.json")]) == 2
+    assert "no such file of held-out records" in capsys.readouterr().err
+    (checkpoint / "trainable.pt").unlink()
+    assert eval_main([str(checkpoint), "--data", str(sample[1])]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
