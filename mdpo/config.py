@@ -231,3 +231,14 @@ def validate(config: TrainConfig) -> None:
 
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """Every key in declaration order, as YAML that `load_config` reads back to an equal config."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    return yaml.safe_dump(plain(to_dict(config)), sort_keys=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, TrainConfig, load_config, to_dict
+from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
 from .loss import MDPOLoss, get_objective
 from .reference_cache import ReferenceCache, StaleCacheError, canonical, file_digest, weights_digest
 from .scoring import SequenceScorer, move_batch, reference_logps
@@ -512,11 +512,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("usage: mdpo-train [CONFIG.yaml] [key=value ...]   e.g. mdpo-train configs/tiny-cpu.yaml max_steps=5")
+        print("usage: mdpo-train [CONFIG.yaml] [key=value ...] [--print-config]   e.g. mdpo-train configs/tiny-cpu.yaml max_steps=5\n"
+              "  --print-config  print the effective configuration (every key, defaults filled in) as YAML and exit")
         return 0
+    print_only = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
     try:
         cfg = load_config(config_path, argv)
+        if print_only:
+            print(config_to_yaml(cfg), end="")
+            return 0
         train(cfg)
     except (ConfigError, StaleCacheError) as exc:
         print(f"mdpo-train: error: {exc}", file=sys.stderr)

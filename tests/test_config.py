@@ -64,3 +64,21 @@ def test_shipped_configs_load():
     for path in configs:
         cfg = load_config(path)
         assert cfg.objective == "mdpo", path
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "llava-1.5-7b.yaml"])
+def test_print_config_shows_every_key_and_reads_back_equal(name, tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from mdpo.train import main
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    out = tmp_path / "run"
+    assert main([str(path), "lr=2e-4", "loss.delta=0.5", f"output_dir={out}", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    tree = yaml.safe_load(text)
+    assert tree["lr"] == 2e-4 and tree["loss"]["delta"] == 0.5 and "eval_every" in tree and "cache_path" in tree["reference"]
+    assert load_config(_write(tmp_path, text)) == load_config(path, ["lr=2e-4", "loss.delta=0.5", f"output_dir={out}"])
+    assert not out.exists()  # nothing ran
