@@ -93,6 +93,21 @@ class ReferenceCache:
         tmp.replace(path)  # never leave a half-written cache behind
 
     @classmethod
+    def merge(cls, parts: list["ReferenceCache"]) -> "ReferenceCache":
+        """One cache from the parts several processes computed over disjoint shards of the records."""
+        fingerprint = parts[0].fingerprint
+        for i, part in enumerate(parts[1:], start=1):
+            diff = describe_difference(fingerprint, part.fingerprint)
+            if diff:
+                raise StaleCacheError(f"reference cache part {i} has another fingerprint than part 0: " + "; ".join(diff))
+        sample_ids = [sid for part in parts for sid in part.sample_ids]
+        if len(set(sample_ids)) != len(sample_ids):
+            raise StaleCacheError("reference cache parts overlap: a sample id appears in more than one part")
+        corrupted = None if parts[0].corrupted is None else torch.cat([part.corrupted for part in parts], dim=1)
+        return cls(fingerprint, sample_ids, torch.cat([part.chosen for part in parts]),
+                   torch.cat([part.rejected for part in parts]), corrupted)
+
+    @classmethod
     def load(cls, path: str | Path, expected_fingerprint: dict) -> "ReferenceCache":
         """Load and check the fingerprint; raise StaleCacheError saying what differs."""
         try:

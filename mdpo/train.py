@@ -176,22 +176,35 @@ def reference_cache_paths(cfg: TrainConfig) -> tuple[Path, Path]:
 
 
 def prepare_reference_cache(path: Path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model):
-    """Load the cache at `path` if it matches this run, else compute it on the main process and share the file."""
+    """Load the cache at `path` if it matches this run, else compute it and save it there.
+
+    Every process computes its shard records[rank::world] and writes it beside `path`; the main
+    process merges the parts into `path`; then every process loads it.
+    """
     if path.exists():
         cache = ReferenceCache.load(path, fingerprint)  # raises StaleCacheError listing what differs
         accelerator.print(f"reference log-probs: reusing {path}")
         return cache
-    if accelerator.is_main_process:
-        scorer.eval()  # dropout off: ρ is the frozen model's
-        start = time.perf_counter()
-        cache = compute_reference_cache(
-            accelerator.unwrap_model(scorer), records, collator, fingerprint, n_corruption_epochs,
-            cfg.micro_batch_size, accelerator.device, reference_model, cfg.progress_bar,
-        )
-        cache.save(path)
-        scorer.train()
-        accelerator.print(f"reference log-probs: computed in {time.perf_counter() - start:.1f} s -> {path}")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    scorer.eval()  # dropout off: ρ is the frozen model's
+    start = time.perf_counter()
+    part = compute_reference_cache(
+        accelerator.unwrap_model(scorer), records[rank::world], collator, fingerprint, n_corruption_epochs,
+        cfg.micro_batch_size, accelerator.device, reference_model, cfg.progress_bar and accelerator.is_main_process,
+    )
+    scorer.train()
+    part_paths = [path.with_name(f"{path.name}.part{r}-of-{world}") for r in range(world)]
+    if world == 1:
+        part.save(path)
+    else:
+        part.save(part_paths[rank])
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ReferenceCache.merge([ReferenceCache.load(p, fingerprint) for p in part_paths]).save(path)
+            for p in part_paths:
+                p.unlink()
     accelerator.wait_for_everyone()
+    accelerator.print(f"reference log-probs: computed in {time.perf_counter() - start:.1f} s over {world} process(es) -> {path}")
     return ReferenceCache.load(path, fingerprint)
 
 

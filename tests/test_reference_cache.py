@@ -43,3 +43,29 @@ def test_weights_digest_sees_a_changed_weight_but_not_lora():
     with torch.no_grad():
         model[1].weight[0, 0] += 1e-3
     assert weights_digest(model) != before
+
+
+def _part(ids, offset, fp=None, with_corrupted=True):
+    n = len(ids)
+    base = torch.arange(n, dtype=torch.float32) + offset
+    return ReferenceCache(canonical(fp or {"data.sha256": "abc"}), list(ids), base, base + 100,
+                          torch.stack([base + 200, base + 300]) if with_corrupted else None)
+
+
+def test_merged_parts_look_up_like_the_parts():
+    parts = [_part(["a", "c"], 0), _part(["b"], 10), _part([], 20)]  # a process may get no records
+    merged = ReferenceCache.merge(parts)
+    assert sorted(merged.sample_ids) == ["a", "b", "c"]
+    for part in parts:
+        for sid in part.sample_ids:
+            for epoch in (0, 1):
+                torch.testing.assert_close(merged.lookup([sid], epoch), part.lookup([sid], epoch))
+    no_corrupted = ReferenceCache.merge([_part(["a"], 0, with_corrupted=False), _part(["b"], 1, with_corrupted=False)])
+    assert no_corrupted.corrupted is None and no_corrupted.lookup(["b"], 0).tolist() == [1.0, 101.0]
+
+
+def test_merge_refuses_overlapping_or_mismatched_parts():
+    with pytest.raises(StaleCacheError, match="overlap"):
+        ReferenceCache.merge([_part(["a", "b"], 0), _part(["b"], 10)])
+    with pytest.raises(StaleCacheError, match="part 1 has another fingerprint.*data.sha256"):
+        ReferenceCache.merge([_part(["a"], 0), _part(["b"], 10, fp={"data.sha256": "zzz"})])

@@ -151,6 +151,18 @@ def test_two_cpu_processes_through_accelerate(sample, tmp_path):
     assert summary["eval"]["pairs"] == 5 and summary["eval"]["first"]["pairs"] == 5
     assert summary["eval"]["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
     assert summary["eval"]["last"]["step"] == 2
+    # Each process computed the reference log-probs of its half of the records; the merged cache
+    # equals one process's (up to float noise from other micro-batch shapes) and no part is left.
+    assert not list(out.glob("*.part*"))
+    single = tmp_path / "single"
+    train(load_config(None, _overrides(sample, single, "max_steps=1", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}")))
+    for name in ("reference_logps.pt", "reference_logps-eval.pt"):
+        two, one = (torch.load(d / name, weights_only=True) for d in (out, single))
+        assert two["fingerprint"] == one["fingerprint"] and sorted(two["sample_ids"]) == sorted(one["sample_ids"])
+        order = [two["sample_ids"].index(sid) for sid in one["sample_ids"]]
+        for key in ("chosen", "rejected"):
+            torch.testing.assert_close(two[key][order], one[key], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(two["corrupted"][:, order], one["corrupted"], rtol=1e-5, atol=1e-4)
 
 
 def test_bad_configs_give_clear_errors(sample, tmp_path, capsys):
