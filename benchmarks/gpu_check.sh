@@ -156,7 +156,11 @@ if [ -n "$BUILD_PID" ]; then  # the tests exercise the extension when it exists
     echo "=== build: $BUILD_STATUS"
 fi
 
-run_step tests 140 core "MDPO_TEST_DEVICE=cuda $PY -m pytest -q --durations=10 tests/"  # run_step tees it to OUT/tests.log
+# pytest-xdist (in the GPU machine's image) spreads the suite over half the cores, 2 threads each.
+WORKERS=$(( $(nproc 2>/dev/null || echo 2) / 2 )); [ "$WORKERS" -gt 8 ] && WORKERS=8
+XDIST=""
+if [ "$WORKERS" -ge 2 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n $WORKERS"; fi
+run_step tests 140 core "OMP_NUM_THREADS=2 MDPO_TEST_DEVICE=cuda $PY -m pytest -q $XDIST --durations=10 tests/"  # run_step tees it to OUT/tests.log
 run_step train_step 75 core \
     "$PY -m benchmarks.train_step --device cuda --dtype bfloat16 --budget-s 2 --results-dir $OUT/train_step"
 # Extras, while time is left: the README's main job on the GPU (bf16, the trainer's CUDA path that the
