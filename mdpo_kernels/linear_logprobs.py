@@ -102,6 +102,20 @@ def _cuda_mm_has_out_dtype(device_index: int, dtype: torch.dtype) -> bool:
         return False
 
 
+def _mm_out_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b of two bf16/fp16 matrices with fp32 output (cuBLAS accumulates in fp32): the "out_dtype" mode."""
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def _head_mode(weight: torch.Tensor) -> str:
+    """fp32 | out_dtype (low-precision weight on CUDA, fp32 GEMM output) | blocked (fp32 copies of weight blocks)."""
+    if weight.dtype == torch.float32:
+        return "fp32"
+    if weight.is_cuda and _cuda_mm_has_out_dtype(weight.device.index or 0, weight.dtype):
+        return "out_dtype"
+    return "blocked"
+
+
 class _Head:
     """The three GEMMs with the LM head, fp32 results for any weight dtype.
 
@@ -113,12 +127,7 @@ class _Head:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias = weight, bias
         self.vocab, self.hidden_size = weight.shape
-        if weight.dtype == torch.float32:
-            self.mode = "fp32"
-        elif weight.is_cuda and _cuda_mm_has_out_dtype(weight.device.index or 0, weight.dtype):
-            self.mode = "out_dtype"
-        else:
-            self.mode = "blocked"
+        self.mode = _head_mode(weight)
         self.block_rows = max(1, WEIGHT_BLOCK_BYTES // (4 * self.hidden_size))
         self.bias32 = None if bias is None else bias.float()
 
@@ -143,7 +152,7 @@ class _Head:
             else:
                 torch.addmm(self.bias, h, self.weight.t(), out=out)
         elif self.mode == "out_dtype":
-            torch.mm(h, self.weight.t(), out_dtype=torch.float32, out=out)
+            _mm_out_fp32(h, self.weight.t(), out=out)
             if self.bias32 is not None:
                 out.add_(self.bias32)
         else:
@@ -159,7 +168,7 @@ class _Head:
         if self.mode == "fp32":
             return torch.mm(grad_logits, self.weight, out=out)
         if self.mode == "out_dtype":
-            return torch.mm(low, self.weight, out_dtype=torch.float32, out=out)
+            return _mm_out_fp32(low, self.weight, out=out)
         out.zero_()
         for v0, v1, block in self._weight_blocks():
             out.addmm_(grad_logits[:, v0:v1], block)
@@ -174,9 +183,9 @@ class _Head:
             for v0 in range(0, self.vocab, self.block_rows):
                 v1 = min(self.vocab, v0 + self.block_rows)
                 if first:
-                    torch.mm(low[:, v0:v1].t(), hs, out_dtype=torch.float32, out=acc[v0:v1])
+                    _mm_out_fp32(low[:, v0:v1].t(), hs, out=acc[v0:v1])
                 else:
-                    acc[v0:v1].add_(torch.mm(low[:, v0:v1].t(), hs, out_dtype=torch.float32))
+                    acc[v0:v1].add_(_mm_out_fp32(low[:, v0:v1].t(), hs))
         elif first:  # fp32 GEMMs straight into the fp32 accumulator
             torch.mm(grad_logits.t(), scaled_h.float(), out=acc)
         else:

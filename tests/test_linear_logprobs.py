@@ -172,6 +172,44 @@ def test_low_precision_no_worse_than_plain_torch(device, monkeypatch, dtype, gra
         assert err(got[name], want[name]) <= err(torch_got[name], want[name]) + 2e-3 * scale, name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grads", [("hidden",), ("hidden", "weight", "bias"), ("weight",)])
+def test_cuda_out_dtype_path_emulated_on_cpu(device, monkeypatch, dtype, grads):
+    """The CUDA low-precision path (bf16/fp16 GEMMs with fp32 output, D cast down, the weight gradient in
+    row blocks) run on the CPU with an emulated `torch.mm(out_dtype=float32)`: same rule as above."""
+    if device != "cpu":
+        pytest.skip("on a GPU the test above runs this path for real")
+    from mdpo_kernels import linear_logprobs
+
+    calls = []
+
+    def mm_out_fp32(a, b, out=None):  # cuBLAS: low-precision operands, fp32 accumulation and output
+        assert a.dtype == b.dtype == dtype, (a.dtype, b.dtype)
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return torch.mm(a.float(), b.float(), out=out)
+
+    monkeypatch.setattr(linear_logprobs, "_head_mode", lambda weight: "out_dtype" if weight.dtype == dtype else "fp32")
+    monkeypatch.setattr(linear_logprobs, "_mm_out_fp32", mm_out_fp32)
+    monkeypatch.setattr(linear_logprobs, "WEIGHT_BLOCK_BYTES", 4 * 64 * 70)  # weight gradient in 5 blocks of ≤ 70 rows
+    hidden, weight, bias, labels = _inputs(3, 40, 64, 300, device, dtype=dtype, ignore_first=10)
+    hidden = hidden * 2
+    upstream = torch.randn(3, device=device)
+    ref, want = _ref(hidden, weight, bias, labels, grads, upstream)
+    ours, got = _run(linear_sequence_logprobs, hidden, weight, bias, labels, grads, upstream, chunk_tokens=31)
+    torch_out, torch_got = _run(_plain_torch, hidden, weight, bias, labels, grads, upstream)
+    err = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
+    assert err(ours, ref) <= err(torch_out, ref) + 1e-4 * ref.abs().max().item()
+    for name in grads:
+        scale = want[name].abs().max().item()
+        assert got[name].dtype == dtype
+        assert err(got[name], want[name]) <= err(torch_got[name], want[name]) + 2e-3 * scale, name
+    # Every GEMM took the emulated path: 90 supervised tokens in 3 chunks (31, 31, 28). Frozen head:
+    # projection + D W per chunk (6). Trained: 3 projections, 2 recomputed (the last chunk is kept),
+    # the weight gradient in 5 row blocks per chunk (15), and D W per chunk when hidden needs it (3).
+    expected = {("hidden",): 6, ("hidden", "weight", "bias"): 23, ("weight",): 20}[grads]
+    assert len(calls) == expected, calls
+
+
 def _plain_torch(hidden, weight, labels, bias=None):
     """What a user writes: the matmul in the storage dtype, then log-softmax in fp32."""
     logits = hidden @ weight.t()
