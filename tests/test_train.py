@@ -174,3 +174,17 @@ def test_bad_configs_give_clear_errors(sample, tmp_path, capsys):
     assert "unknown key(s) optimizer" in capsys.readouterr().err
     assert main([str(tmp_path / "nothing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bfloat16_model_trains(sample, tmp_path):
+    """The low-precision trainer path (bf16 base weights, bf16 hidden states into the fused head, fp32
+    log-probs and loss; peft keeps the LoRA weights in fp32) — the GPU default, also on the CPU."""
+    out = tmp_path / "bf16"
+    summary = train(load_config(None, _overrides(sample, out, "max_steps=3", "model.dtype=bfloat16", "model.lora_dropout=0")))
+    losses = _losses(out)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(3 * math.log(2), abs=2e-2)  # bf16 noise between cached and live ρ
+    assert losses[-1] < losses[0]
+    trained = torch.load(out / "checkpoints" / "step-000003" / "trainable.pt", weights_only=True)
+    assert trained and {t.dtype for t in trained.values()} == {torch.float32}  # peft keeps adapters in fp32 over bf16
+    assert summary["steps"] == 3
