@@ -357,7 +357,9 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl)
-    scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
+    # The scheduler stays out of accelerate: its wrapper steps a scheduler once per process per call,
+    # for schedules counted in one process's batches, and total_steps already counts optimizer steps.
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
     criterion = make_criterion(cfg)
 
     # --- reference log-probs

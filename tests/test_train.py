@@ -141,21 +141,26 @@ def test_two_cpu_processes_through_accelerate(sample, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train",
-           *_overrides(sample, out, "max_steps=2", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}")]
+           *_overrides(sample, out, "max_steps=4", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 2
+    assert summary["processes"] == 2 and summary["steps"] == 4
     assert summary["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
-    # Held-out pairs shared 3 + 2 over the processes, sums reduced: all 5 counted, at steps 0 and 2.
+    # Held-out pairs shared 3 + 2 over the processes, sums reduced: all 5 counted, at steps 0 and 4.
     assert summary["eval"]["pairs"] == 5 and summary["eval"]["first"]["pairs"] == 5
     assert summary["eval"]["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
-    assert summary["eval"]["last"]["step"] == 2
+    assert summary["eval"]["last"]["step"] == 4
     # Each process computed the reference log-probs of its half of the records; the merged cache
     # equals one process's (up to float noise from other micro-batch shapes) and no part is left.
     assert not list(out.glob("*.part*"))
     single = tmp_path / "single"
-    train(load_config(None, _overrides(sample, single, "max_steps=1", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}")))
+    train(load_config(None, _overrides(sample, single, "max_steps=4", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}")))
+    # The learning-rate schedule counts optimizer steps, whatever the number of processes, so the two
+    # runs train alike: the same losses to float rounding (gloo's all-reduce sums in another order).
+    lrs = [[json.loads(line)["lr"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (out, single)]
+    assert lrs[0] == lrs[1] and lrs[0][0] > 0, lrs
+    assert _losses(out) == pytest.approx(_losses(single), rel=1e-5) and _losses(out)[-1] < _losses(out)[0] - 1e-3
     for name in ("reference_logps.pt", "reference_logps-eval.pt"):
         two, one = (torch.load(d / name, weights_only=True) for d in (out, single))
         assert two["fingerprint"] == one["fingerprint"] and sorted(two["sample_ids"]) == sorted(one["sample_ids"])
