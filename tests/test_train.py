@@ -135,15 +135,19 @@ def test_resume_matches_an_uninterrupted_run(sample, tmp_path):
         assert _losses(resumed) == _losses(full)[2:]  # steps 3..5, bit for bit (LoRA dropout included)
 
 
-def test_two_cpu_processes_through_accelerate(sample, tmp_path):
-    out = tmp_path / "ddp"
-    # Two CPU processes (gloo), also on a GPU machine: hide the GPU from the children.
+def _launch_two_processes(launch_args: list[str], overrides: list[str]) -> None:
+    """`accelerate launch` of mdpo.train on two CPU processes (gloo), also on a GPU machine: the GPU is hidden."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train",
-           *_overrides(sample, out, "max_steps=4", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_cpu_processes_through_accelerate(sample, tmp_path):
+    out = tmp_path / "ddp"
+    _launch_two_processes(["--multi_gpu"], _overrides(sample, out, "max_steps=4", "model.lora_dropout=0",
+                                                     f"data.eval_path={sample.parent / 'eval.json'}"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 4
     assert summary["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
@@ -193,3 +197,20 @@ def test_bfloat16_model_trains(sample, tmp_path):
     trained = torch.load(out / "checkpoints" / "step-000003" / "trainable.pt", weights_only=True)
     assert trained and {t.dtype for t in trained.values()} == {torch.float32}  # peft keeps adapters in fp32 over bf16
     assert summary["steps"] == 3
+
+
+def test_shipped_fsdp_config_trains_like_one_process(sample, tmp_path):
+    """configs/accelerate/fsdp.yaml (FSDP2, decoder layers wrapped) on two CPU processes: the same losses
+    as one process, and a checkpoint that `mdpo-eval` scores like the run's last evaluation."""
+    from mdpo.evaluate import main as eval_main
+
+    overrides = ["max_steps=3", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}"]
+    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
+    _launch_two_processes(["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")], _overrides(sample, fsdp, *overrides))
+    train(load_config(None, _overrides(sample, single, *overrides)))
+    assert json.loads((fsdp / "summary.json").read_text())["processes"] == 2
+    assert _losses(fsdp) == pytest.approx(_losses(single), rel=1e-5)
+    assert eval_main([str(fsdp / "checkpoints" / "step-000003")]) == 0
+    scored = json.loads((fsdp / "checkpoints" / "step-000003" / "eval-eval.json").read_text())
+    last = json.loads((fsdp / "summary.json").read_text())["eval"]["last"]
+    assert scored["loss/total"] == pytest.approx(last["loss/total"], abs=2e-4)
