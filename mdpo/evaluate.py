@@ -88,11 +88,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     if not (checkpoint / "config.json").is_file():
         raise ConfigError(f"checkpoint={checkpoint}: no config.json (give a folder under <output_dir>/checkpoints/)")
     cfg = load_config(checkpoint / "config.json", list(overrides))  # JSON is YAML
+    source = "--data" if data_path else "data.eval_path (from the checkpoint's config.json)"
     data_path = data_path or cfg.data.eval_path
     if data_path is None:
         raise ConfigError(f"checkpoint={checkpoint}: its run had no data.eval_path; name the records with --data")
     if not Path(data_path).is_file():
-        raise ConfigError(f"--data {data_path}: no such file of held-out records")
+        raise ConfigError(f"{source} {data_path}: no such file of held-out records (relative paths start in this folder)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded, _ = build_model(cfg, device)
     reference_model = None

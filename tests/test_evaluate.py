@@ -187,7 +187,9 @@ def test_mdpo_eval_names_what_is_missing(sample, tmp_path, capsys):
     assert eval_main([str(checkpoint)]) == 2
     assert "its run had no data.eval_path; name the records with --data" in capsys.readouterr().err
     assert eval_main([str(checkpoint), "--data", str(tmp_path / "nope.json")]) == 2
-    assert "no such file of held-out records" in capsys.readouterr().err
+    assert f"--data {tmp_path / 'nope.json'}: no such file of held-out records" in capsys.readouterr().err
+    assert eval_main([str(checkpoint), f"data.eval_path={tmp_path / 'gone.json'}"]) == 2
+    assert f"data.eval_path (from the checkpoint's config.json) {tmp_path / 'gone.json'}: no such file" in capsys.readouterr().err
     (checkpoint / "trainable.pt").unlink()
     assert eval_main([str(checkpoint), "--data", str(sample[1])]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
