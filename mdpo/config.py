@@ -29,6 +29,7 @@ class DataConfig:
     crop_area: tuple[float, float] = (0.01, 0.2)  # fraction of the image a crop keeps (paper: 1–20 %)
     same_corruption_every_epoch: bool = False  # True: one corrupted image per record for the whole run
     corruption_seed: int = 0  # the corrupted image is a function of (this seed, sample id, epoch)
+    num_workers: int = 0  # processes that collate training micro-batches ahead of the step (0: in the loop)
 
 
 @dataclass
@@ -216,6 +217,8 @@ def validate(config: TrainConfig) -> None:
     for key in ("micro_batch_size", "effective_batch_size", "epochs"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {getattr(config, key)}")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be ≥ 0, got {config.data.num_workers}")
     if config.eval_every < 0:
         raise ConfigError(f"eval_every must be ≥ 0, got {config.eval_every}")
     if config.eval_every and config.data.eval_path is None:

@@ -99,6 +99,34 @@ def make_collator(cfg: TrainConfig, loaded, corruption, records):
     return collator
 
 
+class CollateRecords:
+    """Record indices -> collated batch; a picklable callable, so DataLoader workers can run it."""
+
+    def __init__(self, records, collator):
+        self.records, self.collator = records, collator
+
+    def __call__(self, indices: list[int]) -> dict:
+        return self.collator([self.records[i] for i in indices])
+
+
+def collated_batches(index_lists: list[list[int]], records, collator, num_workers: int, pin_memory: bool = False):
+    """The collated micro-batches, in order: here (num_workers = 0) or collated ahead by worker processes.
+
+    Workers copy the collator when the iterator starts, so set its epoch first. Collation draws from
+    no global RNG (corruption is a function of seed, sample id and epoch), so workers change nothing
+    in the run but where the collating happens.
+    """
+    collate = CollateRecords(records, collator)
+    if num_workers == 0:
+        return map(collate, index_lists)
+    from torch.utils.data import DataLoader
+
+    # A generator of its own: the loader draws its workers' seed from it instead of the global RNG,
+    # which LoRA dropout uses (a draw there would change the run).
+    return iter(DataLoader(index_lists, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                           pin_memory=pin_memory, generator=torch.Generator().manual_seed(0)))
+
+
 def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelerator, train_ids: set[str]):
     """(held-out records, their own collator) from data.eval_path, or ([], None) without one.
 
@@ -421,15 +449,15 @@ def train(cfg: TrainConfig) -> dict:
         corruption_epoch = 0 if n_corruption_epochs == 1 else epoch
         batches = micro_batches(epoch_order(len(records), cfg.seed, epoch), cfg.micro_batch_size, rank, world, steps_per_epoch, accum)
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        stream = collated_batches(batches[first * accum :], records, collator, cfg.data.num_workers, pin_memory=device.type == "cuda")
         for step_in_epoch in range(first, steps_per_epoch):
             if step >= total_steps:
                 break
             step_metrics = []
             for micro in range(accum):
-                chunk = [records[i] for i in batches[step_in_epoch * accum + micro]]
-                batch = move_batch(collator(chunk), device)
+                batch = move_batch(next(stream), device)
                 if cache is not None:
-                    ref = cache.lookup([r.sample_id for r in chunk], corruption_epoch).to(device)
+                    ref = cache.lookup(batch["sample_ids"], corruption_epoch).to(device)
                 else:
                     ref = reference_logps(accelerator.unwrap_model(scorer), batch, reference_model)
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(scorer)

@@ -214,3 +214,17 @@ def test_shipped_fsdp_config_trains_like_one_process(sample, tmp_path):
     scored = json.loads((fsdp / "checkpoints" / "step-000003" / "eval-eval.json").read_text())
     last = json.loads((fsdp / "summary.json").read_text())["eval"]["last"]
     assert scored["loss/total"] == pytest.approx(last["loss/total"], abs=2e-4)
+
+
+def test_collating_workers_change_nothing_in_the_run(sample, tmp_path):
+    """data.num_workers collates ahead in other processes: a run resumed with workers continues a run
+    without them bit for bit (LoRA dropout on: the loader must not draw from the global RNG)."""
+    plain, resumed = tmp_path / "plain", tmp_path / "resumed"
+    train(load_config(None, _overrides(sample, plain, "max_steps=5", "save_every=2")))
+    train(load_config(None, _overrides(sample, resumed, "max_steps=5", "data.num_workers=2",
+                                       f"resume_from={plain / 'checkpoints' / 'step-000002'}",
+                                       f"reference.cache_path={plain / 'reference_logps.pt'}")))
+    if torch.cuda.is_available():
+        assert _losses(resumed) == pytest.approx(_losses(plain)[2:], rel=1e-5)
+    else:
+        assert _losses(resumed) == _losses(plain)[2:]
