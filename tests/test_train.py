@@ -199,23 +199,6 @@ def test_bfloat16_model_trains(sample, tmp_path):
     assert summary["steps"] == 3
 
 
-def test_shipped_fsdp_config_trains_like_one_process(sample, tmp_path):
-    """configs/accelerate/fsdp.yaml (FSDP2, decoder layers wrapped) on two CPU processes: the same losses
-    as one process, and a checkpoint that `mdpo-eval` scores like the run's last evaluation."""
-    from mdpo.evaluate import main as eval_main
-
-    overrides = ["max_steps=3", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}"]
-    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
-    _launch_two_processes(["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")], _overrides(sample, fsdp, *overrides))
-    train(load_config(None, _overrides(sample, single, *overrides)))
-    assert json.loads((fsdp / "summary.json").read_text())["processes"] == 2
-    assert _losses(fsdp) == pytest.approx(_losses(single), rel=1e-5)
-    assert eval_main([str(fsdp / "checkpoints" / "step-000003")]) == 0
-    scored = json.loads((fsdp / "checkpoints" / "step-000003" / "eval-eval.json").read_text())
-    last = json.loads((fsdp / "summary.json").read_text())["eval"]["last"]
-    assert scored["loss/total"] == pytest.approx(last["loss/total"], abs=2e-4)
-
-
 def test_collating_workers_change_nothing_in_the_run(sample, tmp_path):
     """data.num_workers collates ahead in other processes: a run resumed with workers continues a run
     without them bit for bit (LoRA dropout on: the loader must not draw from the global RNG)."""
