@@ -134,7 +134,11 @@ def test_evaluation_leaves_training_bit_for_bit_unchanged(sample, tmp_path):
     plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
     train(load_config(None, _overrides(sample, plain, "max_steps=3")))
     train(load_config(None, _overrides(sample, evaluated, "max_steps=3", f"data.eval_path={sample[1]}", "eval_every=1")))
-    assert [r["loss/total"] for r in _rows(evaluated / "metrics.jsonl")] == [r["loss/total"] for r in _rows(plain / "metrics.jsonl")]
+    with_eval, without = ([r["loss/total"] for r in _rows(d / "metrics.jsonl")] for d in (evaluated, plain))
+    if torch.cuda.is_available():  # cuBLAS / SDPA kernels may differ between runs: equal to rounding
+        assert with_eval == pytest.approx(without, rel=1e-5)
+    else:
+        assert with_eval == without
     assert len(_rows(evaluated / "eval_metrics.jsonl")) == 4  # steps 0, 1, 2, 3
 
 

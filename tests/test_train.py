@@ -135,19 +135,21 @@ def test_resume_matches_an_uninterrupted_run(sample, tmp_path):
         assert _losses(resumed) == _losses(full)[2:]  # steps 3..5, bit for bit (LoRA dropout included)
 
 
-def _launch_two_processes(launch_args: list[str], overrides: list[str]) -> None:
-    """`accelerate launch` of mdpo.train on two CPU processes (gloo), also on a GPU machine: the GPU is hidden."""
+def _train_on_cpu_processes(processes: int, overrides: list[str]) -> None:
+    """mdpo.train in a child on 1 CPU process, or on 2 through `accelerate launch` (gloo); the GPU of a
+    GPU machine is hidden, so runs compare on one device and thread count."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train"]
+    cmd = launch if processes > 1 else [sys.executable, "-m", "mdpo.train"]
+    proc = subprocess.run([*cmd, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_two_cpu_processes_through_accelerate(sample, tmp_path):
     out = tmp_path / "ddp"
-    _launch_two_processes(["--multi_gpu"], _overrides(sample, out, "max_steps=4", "model.lora_dropout=0",
-                                                     f"data.eval_path={sample.parent / 'eval.json'}"))
+    overrides = ["max_steps=4", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}"]
+    _train_on_cpu_processes(2, _overrides(sample, out, *overrides))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 4
     assert summary["first"]["loss/total"] == pytest.approx(3 * math.log(2), abs=1e-5)
@@ -159,7 +161,7 @@ def test_two_cpu_processes_through_accelerate(sample, tmp_path):
     # equals one process's (up to float noise from other micro-batch shapes) and no part is left.
     assert not list(out.glob("*.part*"))
     single = tmp_path / "single"
-    train(load_config(None, _overrides(sample, single, "max_steps=4", "model.lora_dropout=0", f"data.eval_path={sample.parent / 'eval.json'}")))
+    _train_on_cpu_processes(1, _overrides(sample, single, *overrides))
     # The learning-rate schedule counts optimizer steps, whatever the number of processes, so the two
     # runs train alike: the same losses to float rounding (gloo's all-reduce sums in another order).
     lrs = [[json.loads(line)["lr"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (out, single)]
