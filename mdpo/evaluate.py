@@ -108,7 +108,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl)
     metrics = evaluate(scorer, make_criterion(cfg), records, make_collator(cfg, loaded, corruption, records),
                        micro_batch_size=cfg.micro_batch_size, device=device, reference_model=reference_model)
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    # mmap: only the position is read, not the optimizer state (two copies of the weights for full fine-tuning)
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False, mmap=True)
     return {"checkpoint": str(checkpoint), "step": state["position"]["global_step"], "data": str(data_path), **metrics}
 
 
