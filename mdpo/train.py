@@ -150,14 +150,18 @@ def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelera
     return records, make_collator(cfg, loaded, corruption, records)
 
 
-def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int, data_path: str | None = None) -> dict:
-    """Everything the reference log-probs of the records in `data_path` (default: data.path) depend on."""
+def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int, data_path: str | None = None,
+                    weights: str | None = None) -> dict:
+    """Everything the reference log-probs of the records in `data_path` (default: data.path) depend on.
+
+    `weights`: the base model's `weights_digest`, when already computed (it reads every weight).
+    """
     spec = get_objective(cfg.objective)
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
     return canonical({
         "model.source": loaded.source, "model.family": loaded.family, "model.dtype": str(next(base.parameters()).dtype),
-        "model.weights": weights_digest(base),
+        "model.weights": weights or weights_digest(base),
         "processor": f"{type(loaded.processor).__name__}:{len(tokenizer)}",
         "data.sha256": file_digest(data_path or cfg.data.path), "data.image_root": cfg.data.image_root, "data.records": n_records,
         "data.max_length": cfg.data.max_length, "data.on_bad_record": cfg.data.on_bad_record,
@@ -398,7 +402,8 @@ def train(cfg: TrainConfig) -> dict:
         fingerprint = run_fingerprint(cfg, loaded, len(records), n_corruption_epochs)
         cache = prepare_reference_cache(cache_path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model)
         if eval_records:  # held-out pairs are always scored with epoch 0's corrupted image
-            eval_fingerprint = run_fingerprint(cfg, loaded, len(eval_records), 1, data_path=cfg.data.eval_path)
+            eval_fingerprint = run_fingerprint(cfg, loaded, len(eval_records), 1, data_path=cfg.data.eval_path,
+                                               weights=fingerprint["model.weights"])
             eval_cache = prepare_reference_cache(eval_cache_path, cfg, accelerator, scorer, eval_records, eval_collator,
                                                  eval_fingerprint, 1, reference_model)
 
