@@ -13,8 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import MdpoError
 
-class ConfigError(ValueError):
+
+class ConfigError(MdpoError, ValueError):
     """A config file or override that cannot be used as it is; the message names the key."""
 
 

@@ -81,8 +81,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     settings (its config.json), the checkpoint's trained parameters, the reference live (adapters
     disabled; for full fine-tuning the initial weights). -> {"checkpoint", "step", "data", metrics...}."""
     from .config import ConfigError, load_config
-    from .data import CorruptionConfig, load_records
-    from .train import build_model, load_trainable, make_collator, make_criterion
+    from .checkpoints import load_trainable
+    from .components import build_model, make_collator, make_corruption, make_criterion
+    from .data import load_records
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
@@ -103,8 +104,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     loaded.model.to(device)
     records = load_records(data_path, image_root=cfg.data.image_root, on_bad_record=cfg.data.on_bad_record,
                            processor=loaded.processor, max_length=cfg.data.max_length).records
-    corruption = CorruptionConfig(strategy=cfg.data.corruption, area=tuple(cfg.data.crop_area), seed=cfg.data.corruption_seed,
-                                  same_every_epoch=cfg.data.same_corruption_every_epoch)
+    corruption = make_corruption(cfg)
     scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl)
     metrics = evaluate(scorer, make_criterion(cfg), records, make_collator(cfg, loaded, corruption, records),
                        micro_batch_size=cfg.micro_batch_size, device=device, reference_model=reference_model)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import MdpoError
+
 CACHE_VERSION = 1
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(MdpoError, RuntimeError):
     """The cache on disk was computed for a different model, dataset or setting."""
 
 

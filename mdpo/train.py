@@ -14,17 +14,18 @@ import contextlib
 import copy
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .checkpoints import load_checkpoint, save_checkpoint
+from .components import build_model, make_collator, make_corruption, make_criterion, seed_everything
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
-from .loss import MDPOLoss, get_objective
-from .reference_cache import ReferenceCache, StaleCacheError, canonical, file_digest, weights_digest
+from .loss import get_objective
+from .reference_cache import StaleCacheError
+from .reference_pass import prepare_reference_cache, reference_cache_paths, run_fingerprint
 from .scoring import SequenceScorer, move_batch, reference_logps
 
 PLOT_GROUPS = {
@@ -36,45 +37,10 @@ PLOT_GROUPS = {
 
 
 # ----------------------------------------------------------------------------------------- setup
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: TrainConfig, device: torch.device):
-    """Model + processor + adapter, with LoRA (or full fine-tuning of the language model)."""
-    from .models import apply_lora, build_preset, enable_gradient_checkpointing, freeze_for_full_finetune, load_model
-
-    if cfg.model.preset is not None:
-        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-        loaded = build_preset(cfg.model.preset, seed=cfg.seed, dtype=dtype)
-    else:
-        attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
-        loaded = load_model(cfg.model.path, family=cfg.model.family, dtype=cfg.model.dtype, attn_implementation=attn, device=device)
-    reference_model = None
-    if cfg.model.finetune == "lora":
-        loaded.model = apply_lora(loaded.model, loaded.family, r=cfg.model.lora_r, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout)
-    else:
-        freeze_for_full_finetune(loaded.model, loaded.family)
-        if cfg.reference.mode == "live":  # the frozen reference is a separate copy of the initial weights
-            reference_model = copy.deepcopy(loaded.model).eval().requires_grad_(False)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(loaded.model)
-    loaded.model.train()
-    return loaded, reference_model
-
-
 def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
     """The order of records in an epoch: a permutation that depends only on (seed, epoch)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n_records, generator=gen).tolist()
-
-
-def make_criterion(cfg: TrainConfig) -> MDPOLoss:
-    return MDPOLoss(beta=cfg.loss.beta, delta=cfg.loss.delta, objective=cfg.objective, dpo_weight=cfg.loss.dpo_weight,
-                    conditional_weight=cfg.loss.conditional_weight, anchor_weight=cfg.loss.anchor_weight,
-                    rejected_anchor=cfg.loss.rejected_anchor, corrupted_anchor=cfg.loss.corrupted_anchor)
 
 
 def micro_batches(order: list[int], micro: int, rank: int, world: int, steps: int, accum: int) -> list[list[int]]:
@@ -86,17 +52,6 @@ def micro_batches(order: list[int], micro: int, rank: int, world: int, steps: in
         mine = block[rank::world]  # each process takes every world-th record of the step's block
         batches.extend(mine[i * micro : (i + 1) * micro] for i in range(accum))
     return batches
-
-
-def make_collator(cfg: TrainConfig, loaded, corruption, records):
-    """The [chosen | rejected | corrupted] collator of a record set (random_image draws from `records`)."""
-    from .data import PreferenceCollator
-
-    collator = PreferenceCollator(loaded.processor, objective=cfg.objective, max_length=cfg.data.max_length,
-                                  corruption=corruption, family=loaded.family)
-    if cfg.data.corruption == "random_image" and hasattr(collator, "set_image_pool"):
-        collator.set_image_pool(records)
-    return collator
 
 
 class CollateRecords:
@@ -148,145 +103,6 @@ def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelera
     if shared:
         accelerator.print(f"warning: {len(shared)} held-out record id(s) are also training records, e.g. {shared[:3]}")
     return records, make_collator(cfg, loaded, corruption, records)
-
-
-def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int, data_path: str | None = None,
-                    weights: str | None = None) -> dict:
-    """Everything the reference log-probs of the records in `data_path` (default: data.path) depend on.
-
-    `weights`: the base model's `weights_digest`, when already computed (it reads every weight).
-    """
-    spec = get_objective(cfg.objective)
-    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
-    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
-    return canonical({
-        "model.source": loaded.source, "model.family": loaded.family, "model.dtype": str(next(base.parameters()).dtype),
-        "model.weights": weights or weights_digest(base),
-        "processor": f"{type(loaded.processor).__name__}:{len(tokenizer)}",
-        "data.sha256": file_digest(data_path or cfg.data.path), "data.image_root": cfg.data.image_root, "data.records": n_records,
-        "data.max_length": cfg.data.max_length, "data.on_bad_record": cfg.data.on_bad_record,
-        "corruption": [cfg.data.corruption, list(cfg.data.crop_area), cfg.data.corruption_seed, cfg.data.same_corruption_every_epoch],
-        "corruption.epochs": n_corruption_epochs,
-        "objective.branches": list(spec.branches), "objective.images": cfg.objective != "dpo_no_image",
-        "loss.average_logprobs": cfg.loss.average_logprobs,
-    })
-
-
-@torch.no_grad()
-def compute_reference_cache(scorer, records, collator, fingerprint, n_corruption_epochs, micro, device, reference_model, show_bar):
-    """One forward-only pass: ρ of every record's branches, and of each corruption epoch's image.
-
-    Epoch 0 gives chosen, rejected and corrupted; each further corruption epoch recomputes the batch
-    and keeps only its corrupted rows (chosen/rejected do not change).
-    """
-    from tqdm.auto import tqdm
-
-    n, ids = len(records), [r.sample_id for r in records]
-    chosen, rejected = torch.zeros(n), torch.zeros(n)
-    has_corrupted = fingerprint["objective.branches"][-1] == "corrupted"
-    corrupted = torch.zeros(n_corruption_epochs, n) if has_corrupted else None
-    total = n_corruption_epochs * math.ceil(n / micro)
-    with tqdm(total=total, desc="reference log-probs", disable=not show_bar) as bar:
-        for epoch in range(n_corruption_epochs):
-            collator.set_epoch(epoch)
-            for start in range(0, n, micro):
-                chunk = records[start : start + micro]
-                b = len(chunk)
-                logps = reference_logps(scorer, move_batch(collator(chunk), device), reference_model).float().cpu()
-                if epoch == 0:
-                    chosen[start : start + b], rejected[start : start + b] = logps[:b], logps[b : 2 * b]
-                if has_corrupted:
-                    corrupted[epoch, start : start + b] = logps[2 * b : 3 * b]
-                bar.update(1)
-    return ReferenceCache(fingerprint, ids, chosen, rejected, corrupted)
-
-
-def reference_cache_paths(cfg: TrainConfig) -> tuple[Path, Path]:
-    """(training records' cache, held-out records' cache): reference.cache_path and a "-eval" sibling."""
-    train_path = Path(cfg.reference.cache_path or Path(cfg.output_dir) / "reference_logps.pt")
-    return train_path, train_path.with_name(f"{train_path.stem}-eval{train_path.suffix}")
-
-
-def prepare_reference_cache(path: Path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model):
-    """Load the cache at `path` if it matches this run, else compute it and save it there.
-
-    Every process computes its shard records[rank::world] and writes it beside `path`; the main
-    process merges the parts into `path`; then every process loads it.
-    """
-    if path.exists():
-        cache = ReferenceCache.load(path, fingerprint)  # raises StaleCacheError listing what differs
-        accelerator.print(f"reference log-probs: reusing {path}")
-        return cache
-    rank, world = accelerator.process_index, accelerator.num_processes
-    scorer.eval()  # dropout off: ρ is the frozen model's
-    start = time.perf_counter()
-    part = compute_reference_cache(
-        accelerator.unwrap_model(scorer), records[rank::world], collator, fingerprint, n_corruption_epochs,
-        cfg.micro_batch_size, accelerator.device, reference_model, cfg.progress_bar and accelerator.is_main_process,
-    )
-    scorer.train()
-    part_paths = [path.with_name(f"{path.name}.part{r}-of-{world}") for r in range(world)]
-    if world == 1:
-        part.save(path)
-    else:
-        part.save(part_paths[rank])
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            ReferenceCache.merge([ReferenceCache.load(p, fingerprint) for p in part_paths]).save(path)
-            for p in part_paths:
-                p.unlink()
-    accelerator.wait_for_everyone()
-    accelerator.print(f"reference log-probs: computed in {time.perf_counter() - start:.1f} s over {world} process(es) -> {path}")
-    return ReferenceCache.load(path, fingerprint)
-
-
-# ----------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, accelerator, scorer, optimizer, scheduler, position: dict, cfg: TrainConfig) -> Path:
-    ckpt = out / "checkpoints" / f"step-{position['global_step']:06d}"
-    model = accelerator.unwrap_model(scorer).model
-    if accelerator.is_main_process:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save(trainable, ckpt / "trainable.pt")
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(ckpt / "adapter")  # peft format, loadable with PeftModel.from_pretrained
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "position": position}, ckpt / "state.pt")
-        (ckpt / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
-    accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, ckpt / f"rng-{accelerator.process_index}.pt")
-    return ckpt
-
-
-def load_trainable(model: torch.nn.Module, ckpt: Path, key: str) -> None:
-    """Copy a checkpoint's trained parameters (trainable.pt, by name) into `model`; `key` names the
-    setting that pointed at the checkpoint, for the error messages."""
-    if not (ckpt / "state.pt").is_file() or not (ckpt / "trainable.pt").is_file():
-        raise ConfigError(f"{key}={ckpt}: not a checkpoint folder (no state.pt / trainable.pt)")
-    trainable = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
-    params = dict(model.named_parameters())
-    missing = sorted(set(trainable) - set(params))
-    if missing:
-        raise ConfigError(f"{key}={ckpt}: checkpoint parameters not in this model, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
-
-
-def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler) -> dict:
-    load_trainable(accelerator.unwrap_model(scorer).model, ckpt, "resume_from")
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["position"]
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -343,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .data import CorruptionConfig, load_records
+    from .data import load_records
 
     # cpu=True on a machine without CUDA lets `accelerate launch` / torchrun run several CPU processes (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -372,8 +188,7 @@ def train(cfg: TrainConfig) -> dict:
     records, skipped = result.records, result.skipped
     for index, sample_id, reason in skipped:
         accelerator.print(f"skipped record {index} (id {sample_id}): {reason}")
-    corruption = CorruptionConfig(strategy=cfg.data.corruption, area=tuple(cfg.data.crop_area), seed=cfg.data.corruption_seed,
-                                  same_every_epoch=cfg.data.same_corruption_every_epoch)
+    corruption = make_corruption(cfg)
     collator = make_collator(cfg, loaded, corruption, records)
     eval_records, eval_collator = load_eval_records(cfg, loaded, corruption, world, accelerator, {r.sample_id for r in records})
 

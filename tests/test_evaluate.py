@@ -13,7 +13,8 @@ from mdpo.loss import MDPOLoss
 from mdpo.models import apply_lora, build_preset
 from mdpo.reference_cache import StaleCacheError
 from mdpo.scoring import SequenceScorer
-from mdpo.train import compute_reference_cache, main, train
+from mdpo.reference_pass import compute_reference_cache
+from mdpo.train import main, train
 
 CPU = torch.device("cpu")
 BRANCHES = {"objective.branches": ["chosen", "rejected", "corrupted"]}

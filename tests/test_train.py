@@ -16,7 +16,8 @@ from mdpo.loss import MDPOLoss
 from mdpo.models import apply_lora, build_preset
 from mdpo.reference_cache import StaleCacheError
 from mdpo.scoring import SequenceScorer, reference_logps
-from mdpo.train import compute_reference_cache, main, train
+from mdpo.reference_pass import compute_reference_cache
+from mdpo.train import main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["tiny-llava", "tiny-qwen2-vl", "tiny-idefics3"]

@@ -178,14 +178,14 @@ class PreferenceCollator:
         chosen_rows, rejected_rows, corrupted_rows = [], [], []
         for record in records:
             image = load_image(record) if self.with_image else None
-            prompt = self._encode_prompt(record, image)
+            prompt = self.encode_prompt(record, image)
             chosen = self._encode_response(record.chosen, prompt)
             chosen_rows.append(self._row(record, prompt, chosen))
             rejected_rows.append(self._row(record, prompt, self._encode_response(record.rejected, prompt)))
             if self.with_corrupted:
                 bad_image = corrupt_image(image, record.sample_id, self.epoch, self.corruption,
                                           pool=self.image_pool, own_path=record.image_path)
-                corrupted_rows.append(self._row(record, self._encode_prompt(record, bad_image), chosen))
+                corrupted_rows.append(self._row(record, self.encode_prompt(record, bad_image), chosen))
         batch = self._stack(chosen_rows + rejected_rows + corrupted_rows)
         batch["sample_ids"] = [r.sample_id for r in records]
         batch["num_pairs"] = len(records)
@@ -220,7 +220,7 @@ class PreferenceCollator:
         """Token counts of a record's rows before truncation (with its image):
         prompt, protected (image + special tokens of the prompt), chosen, rejected (EOS included)."""
         image = load_image(record) if self.with_image else None
-        prompt = self._encode_prompt(record, image)
+        prompt = self.encode_prompt(record, image)
         ids = prompt["tokens"]["input_ids"]
         return {
             "prompt": len(ids),
@@ -250,8 +250,10 @@ class PreferenceCollator:
             return prompt.replace(IMAGE_PLACEHOLDER, self.image_token, 1)
         return prompt
 
-    def _encode_prompt(self, record: PreferenceRecord, image) -> dict[str, Any]:
-        """Run the processor on the prompt (and image): per-token lists + the other (pixel) tensors."""
+    def encode_prompt(self, record: PreferenceRecord, image) -> dict[str, Any]:
+        """Run the processor on the prompt (and image): {"tokens": per-token lists (input_ids, attention_mask,
+        family keys), "pixels": the pixel tensors, "text": the prompt text}. The one place prompts are
+        rendered: training rows, the reference pass and generation all go through it."""
         text = self.prompt_text(record, with_image=image is not None)
         tok = self.tokenizer
         if image is None:

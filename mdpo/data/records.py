@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
+from ..errors import MdpoError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"  # the placeholder of the paper shape's templated prompt
 ON_BAD_RECORD = ("error", "skip")
 
 
-class BadRecordError(ValueError):
+class BadRecordError(MdpoError, ValueError):
     """A record that cannot be used; the message names its index, its id and the reason."""
 
     def __init__(self, index: int, sample_id: str | None, reason: str, source: str | None = None):

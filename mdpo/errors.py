@@ -1,0 +1,10 @@
+"""The library's own errors: one base class, so a command line prints one clear line for any of them."""
+from __future__ import annotations
+
+
+class MdpoError(Exception):
+    """Base of every error mdpo raises on purpose (bad config, bad record, stale cache, …).
+
+    Its message is meant for a person: it names the key, record, file or argument at fault and, where
+    there is one, the setting that fixes it. The command-line tools print it as one line and exit 2.
+    """
