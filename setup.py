@@ -112,7 +112,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mdpo", "mdpo.*", "mdpo_kernels", "mdpo_kernels.*", "benchmarks"]),
-    package_data={"mdpo": ["configs/*.yaml"]},
+    package_data={"mdpo": ["configs/*.yaml", "eval/data/*.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -124,6 +124,7 @@ setup(
         "accelerate>=1.0",
         "matplotlib",
         "tensorboard",
+        "lemminflect>=0.2.3",  # plural/singular forms for CHAIR (mdpo/eval/chair.py); data ships in the wheel
     ],
     extras_require={
         "triton": ["triton>=3.0"],
