@@ -179,10 +179,67 @@ def test_backward_reaches_only_lora_and_checkpointing_keeps_grads(name):
     enable_gradient_checkpointing(peft_model)
     base = peft_model.get_base_model()
     assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+    # The frozen vision tower and projector run no backward: their outputs do not require grad
+    # (transformers' checkpointing hooks every sub-model's input embeddings, the patch embedding too).
+    frozen_outputs = watch_outputs(loaded.adapter.inner_model(peft_model), loaded.adapter.frozen_module_attrs)
     checkpointed = grads()
+    assert set(frozen_outputs) == set(loaded.adapter.frozen_module_attrs)
+    assert not any(frozen_outputs.values()), frozen_outputs
     assert set(checkpointed) == set(plain)
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6)
+
+
+def watch_outputs(inner, attrs):
+    """{attr: whether any tensor output of inner.<attr> required grad}, filled in by forward hooks."""
+    seen = {}
+
+    def tensors(out):
+        if torch.is_tensor(out):
+            return [out]
+        values = out.values() if hasattr(out, "values") else out if isinstance(out, (list, tuple)) else []
+        return [t for v in values for t in tensors(v)]
+
+    for attr in attrs:
+        def hook(module, inputs, out, attr=attr):
+            seen[attr] = seen.get(attr, False) or any(t.requires_grad for t in tensors(out))
+        getattr(inner, attr).register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_checkpointed_full_finetune_skips_the_vision_backward(name):
+    loaded = build_preset(name)
+    freeze_for_full_finetune(loaded.model, loaded.family)
+    enable_gradient_checkpointing(loaded.model)
+    loaded.model.train()
+    seen = watch_outputs(loaded.adapter.inner_model(loaded.model), loaded.adapter.frozen_module_attrs)
+    fused_logps(loaded.adapter, loaded.model, make_batch(loaded)).sum().backward()
+    assert seen and not any(seen.values()), seen
+    assert loaded.model.lm_head.weight.grad is not None
+    assert all(p.grad is None for n, p in loaded.model.named_parameters() if n.startswith(loaded.adapter.frozen_prefixes))
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-idefics3"])
+def test_lora_target_modules_are_name_suffixes(name):
+    loaded = build_preset(name)
+    lm_linears = language_model_linear_names(loaded.model, loaded.adapter)
+    peft_model = apply_lora(loaded.model, loaded.family, r=4, alpha=8, target=["q_proj", "mlp.down_proj"])
+    adapted = sorted(n for n, m in peft_model.get_base_model().named_modules() if hasattr(m, "lora_A"))
+    assert adapted == sorted(n for n in lm_linears if n.endswith((".q_proj", ".mlp.down_proj")))
+    assert len(adapted) == 2 * 2  # 2 layers
+
+
+def test_lora_target_module_matching_nothing_is_named():
+    from mdpo.config import ConfigError
+
+    loaded = build_preset("tiny-llava")
+    with pytest.raises(ConfigError, match=r"lora_target_modules: 'qproj' .*no linear layer.*'q_proj'"):
+        apply_lora(loaded.model, loaded.family, target=["q_proj", "qproj"])
+    with pytest.raises(ConfigError, match="'proj'"):  # a suffix matches whole name parts only
+        apply_lora(build_preset("tiny-llava").model, "llava", target=["proj"])
+    with pytest.raises(ConfigError, match="'multi_modal_projector.linear_1'"):  # outside the language model
+        apply_lora(build_preset("tiny-llava").model, "llava", target=["multi_modal_projector.linear_1"])
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-paligemma"])

@@ -16,7 +16,7 @@ from .adapters import (
     adapter_for_model_type,
     get_adapter,
 )
-from .loading import LoadedModel, choose_attn_implementation, load_model, resolve_dtype
+from .loading import LoadedModel, choose_attn_implementation, inspect_model_folder, load_model, load_processor_only, resolve_dtype
 from .lora import (
     apply_lora,
     enable_gradient_checkpointing,
@@ -28,7 +28,8 @@ from .presets import PRESETS, build_preset, save_preset
 
 __all__ = [
     "SUPPORTED_FAMILIES", "SUPPORTED_MODEL_TYPES", "FamilyAdapter", "HiddenStatesModel", "adapter_for_model_type",
-    "get_adapter", "LoadedModel", "choose_attn_implementation", "load_model", "resolve_dtype", "apply_lora",
+    "get_adapter", "LoadedModel", "choose_attn_implementation", "inspect_model_folder", "load_model",
+    "load_processor_only", "resolve_dtype", "apply_lora",
     "enable_gradient_checkpointing", "freeze_for_full_finetune", "language_model_linear_names",
     "trainable_parameter_counts", "PRESETS", "build_preset", "save_preset",
 ]

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..errors import ModelLoadError, UnsupportedModelError
+
 # Keys every family's inner model takes besides its pixel inputs.
 _TEXT_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 
@@ -110,7 +112,7 @@ class FamilyAdapter:
         text_config = base.config.get_text_config()
         softcap = getattr(text_config, "final_logit_softcapping", None)
         if softcap is not None:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"{self.family}: model_type {text_config.model_type!r} soft-caps its logits "
                 f"(final_logit_softcapping={softcap}); the fused LM-head loss computes plain "
                 "hidden @ weightᵀ and would give different numbers"
@@ -219,7 +221,7 @@ def get_adapter(family: str) -> FamilyAdapter:
     key = family.strip().lower()
     key = _FAMILY_ALIASES.get(key, key)
     if key not in _ADAPTERS:
-        raise ValueError(
+        raise ModelLoadError(
             f"unsupported model family {family!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
     return _ADAPTERS[key]
@@ -231,7 +233,7 @@ def adapter_for_model_type(model_type: str, source: str = "") -> FamilyAdapter:
         if model_type in adapter.model_types:
             return adapter
     where = f" (from {source})" if source else ""
-    raise ValueError(
+    raise ModelLoadError(
         f"unsupported model_type {model_type!r}{where}; supported model types: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)} (families: {', '.join(SUPPORTED_FAMILIES)})"
     )

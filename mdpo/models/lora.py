@@ -10,7 +10,10 @@ import re
 import warnings
 from typing import Sequence
 
+import torch
 from torch import nn
+
+from ..config import ConfigError
 
 from .adapters import FamilyAdapter, get_adapter
 
@@ -37,32 +40,40 @@ def apply_lora(
 ):
     """Wrap `model` in a peft PeftModel with LoRA on the language model's linear layers only.
 
-    target: 'all-linear-language' (every nn.Linear of the language model), or a list of leaf names
-        such as ['q_proj', 'v_proj'] restricted to the language model.
+    target: 'all-linear-language' (every nn.Linear of the language model), or a list of module-name
+        suffixes such as ['q_proj', 'v_proj'] or ['self_attn.o_proj'], matched on whole name parts
+        inside the language model only. A suffix that matches no linear layer there is a ConfigError
+        naming it (and the layer names there are).
     Every base parameter ends up frozen; only the LoRA A/B matrices train. Returns the PeftModel.
     """
     from peft import LoraConfig, get_peft_model
 
     adapter = _adapter(family)
     if int(r) <= 0:
-        raise ValueError(f"LoRA r must be positive, got {r}")
+        raise ConfigError(f"model.lora_r must be positive, got {r}")
     if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        raise ConfigError(f"model.lora_dropout must be in [0, 1), got {dropout}")
     linear_names = language_model_linear_names(model, adapter)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
     if isinstance(target, str):
         if target != "all-linear-language":
-            raise ValueError(f"LoRA target {target!r} not understood; use 'all-linear-language' or a list of "
-                             f"layer names among {leaves}")
+            raise ConfigError(f"LoRA target {target!r} not understood; use 'all-linear-language' or a list of "
+                              f"layer names among {leaves}")
+        selected = linear_names
     else:
-        unknown = sorted(set(target) - set(leaves))
-        if unknown or not target:
-            raise ValueError(f"LoRA target names {unknown or list(target)} are not linear layers of the "
-                             f"{adapter.family} language model; choose among {leaves}")
-        leaves = sorted(set(target))
-    # One regex on full module names: the language-model prefix AND a linear leaf name, so vision
-    # tower, projector and lm_head can never match (peft uses re.fullmatch for a string target).
-    pattern = rf"{re.escape(adapter.language_model_prefix)}\.(?:.*\.)?(?:{'|'.join(map(re.escape, leaves))})"
+        suffixes = [str(t).strip(".") for t in target]
+        if not suffixes:
+            raise ConfigError("model.lora_target_modules is an empty list; leave it unset (null) to adapt every "
+                              f"linear layer of the language model, or choose among {leaves}")
+        matches = {s: [n for n in linear_names if n == s or n.endswith("." + s)] for s in suffixes}
+        unknown = [s for s, found in matches.items() if not found]
+        if unknown:
+            raise ConfigError(f"model.lora_target_modules: {', '.join(map(repr, unknown))} match(es) no linear layer of "
+                              f"the {adapter.family} language model; its linear layers end in {leaves}")
+        selected = sorted({n for found in matches.values() for n in found})
+    # One regex of the selected full module names, so vision tower, projector and lm_head can never
+    # match (peft uses re.fullmatch for a string target).
+    pattern = "|".join(map(re.escape, selected))
     config = LoraConfig(
         r=int(r), lora_alpha=alpha, lora_dropout=float(dropout), bias="none",
         target_modules=pattern, task_type="CAUSAL_LM",
@@ -102,11 +113,13 @@ def freeze_for_full_finetune(model: nn.Module, family: str | FamilyAdapter, trai
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Activation checkpointing of every decoder layer, non-reentrant, on a plain or peft model.
 
-    The non-reentrant implementation needs no input that requires grad, so LoRA under frozen
-    embeddings gets its gradients without `enable_input_require_grads` (which would also hook the
-    frozen vision tower's embeddings and run a useless backward through it). Turns the KV cache off.
-    Call it after `apply_lora` (peft otherwise hooks every input embedding to require grad).
-    Returns the same model.
+    transformers' `activation_checkpointing_enable` (and peft's `get_peft_model` on a checkpointed
+    model) call `enable_input_require_grads`, which hooks the input embeddings of *every* sub-model,
+    the vision tower's patch embedding included: its output then requires grad and every step runs a
+    backward through the whole frozen vision tower (same gradients, up to 2× the step time). Those
+    hooks are removed here and one is put back on the language model's token embeddings only, the one
+    a frozen-embedding LoRA needs so that checkpointed layers see an input that requires grad.
+    Turns the KV cache off. Returns the same model.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kwargs = {"use_reentrant": False}
@@ -114,9 +127,19 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for module in base.modules():  # the hooks sit on the module that registered them (the top model)
+        if hasattr(module, "disable_input_require_grads"):
+            module.disable_input_require_grads()
+    embeddings = base.get_input_embeddings()  # the language model's token embeddings in every family here
+    base._require_grads_hooks = [embeddings.register_forward_hook(_output_requires_grad)]
     if getattr(base.config, "use_cache", None) is not None:
         base.config.use_cache = False
     return model
+
+
+def _output_requires_grad(module, inputs, output):
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
 
 
 def trainable_parameter_counts(model: nn.Module, family: str | FamilyAdapter | None = None) -> dict[str, int]:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import ModelLoadError
 from .adapters import get_adapter
 from .loading import LoadedModel, resolve_dtype
 
@@ -118,7 +119,7 @@ PRESETS: dict[str, tuple[str, Callable, str]] = {
 
 def _preset_entry(name: str):
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise ModelLoadError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
