@@ -26,8 +26,8 @@ family but PaliGemma, whose processor always adds its 1024 `<locXXXX>` and 128 `
 | family      | image token      | bos  | eos                | pad     | other specials |
 |-------------|------------------|------|--------------------|---------|----------------|
 | llava       | `<image>`        | `<s>` (added by the tokenizer) | `</s>` | `<pad>` | `<unk>` |
-| qwen2-vl(.5)| `<|image_pad|>`  | none | `<|im_end|>`       | `<|endoftext|>` | `<|im_start|>`, `<|vision_start|>`, `<|vision_end|>`, `<|video_pad|>` |
-| idefics3    | `<image>`        | none | `<end_of_utterance>` | `<pad>` | `<fake_token_around_image>`, `<global-img>`, `<|im_start|>`, `<row_i_col_j>` |
+| qwen2-vl(.5)| `<|image_pad|>`  | none | `<|im_end|>`       | `<|endoftext|>` | Qwen2-VL-Instruct's 14 (`<|im_start|>`, `<|vision_start|>`, `<|vision_end|>`, `<|video_pad|>`, box/quad/ref …) |
+| idefics3    | `<image>`        | `<|im_start|>` (written by the chat template, not the tokenizer) | `<end_of_utterance>` | `<|im_end|>` | `<|endoftext|>` (unk), `<fake_token_around_image>`, `<global-img>`, `<row_i_col_j>` |
 | paligemma   | `<image>`        | `<bos>` (inserted by the processor after the image tokens) | `<eos>` | `<pad>` | `<unk>`, loc/seg tokens |
 
 Qwen2-VL / Qwen2.5-VL: transformers 5.x wants a video processor for these, and its video processors
@@ -36,9 +36,13 @@ need torchvision (whose CUDA wheels do not load beside a CPU-only torch). Where 
 outputs for images and text) are used and registered with AutoProcessor: load a saved one with
 `mdpo.data.load_processor(dir)`, or call `register_auto_classes()` before `AutoProcessor.from_pretrained`.
 
-Chat templates follow each family's real one in miniature (LLaVA-1.5 "USER: <image>\\n… ASSISTANT:",
-Qwen's `<|im_start|>` turns with `<|vision_start|><|image_pad|><|vision_end|>`, SmolVLM's
-"<|im_start|>User:<image>…<end_of_utterance>\\nAssistant:"); PaliGemma has none (prompt = question).
+Chat templates are the families' real ones, character for character: llava-hf/llava-1.5-*-hf's
+("USER: <image>\\n… ASSISTANT:", a system message as its bare text, no `</s>` after an answer),
+Qwen2-VL-Instruct's (`<|im_start|>` turns, default system "You are a helpful assistant.",
+`<|vision_start|><|image_pad|><|vision_end|>`), SmolVLM-Instruct's
+("<|im_start|>User:<image>…<end_of_utterance>\\nAssistant:"); PaliGemma has none (prompt = question).
+Special tokens follow the real tokenizers' layout (which token is BOS / EOS / pad, whether the
+tokenizer adds BOS), as in the table above.
 """
 from __future__ import annotations
 
@@ -121,41 +125,40 @@ def _bpe_tokenizer_json(special_tokens: tuple[str, ...]) -> str:
     return tok.to_str()
 
 
+# The families' real chat templates, character for character (chat_template.json of llava-hf/llava-1.5-7b-hf,
+# Qwen/Qwen2-VL-7B-Instruct (Qwen2.5-VL-Instruct ships the same one) and HuggingFaceTB/SmolVLM-Instruct).
+# llava-hf's writes no `</s>` after an answer and renders a system message as its bare text; Qwen's writes
+# its default system message when the conversation has none; SmolVLM's starts with its BOS, <|im_start|>.
 _LLAVA_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else message['content'][0]['text'] }} "
-    "{% elif message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}</s>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 _QWEN_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 _IDEFICS3_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
-    "{% if message['content'] is string %}: {{ message['content'] }}"
-    "{% else %}{% if message['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
-    "{% elif item['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}"
-    "<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 
@@ -173,7 +176,8 @@ def _fast_tokenizer(special: dict[str, str], extra_special: list[str], model_inp
     from transformers import PreTrainedTokenizerFast
 
     named = [special[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token") if k in special]
-    all_special = tuple(dict.fromkeys(named + extra_special))
+    # `extra_special` naming every named token too gives the real tokenizer's id order (Qwen).
+    all_special = tuple(dict.fromkeys(extra_special if set(named) <= set(extra_special) else named + extra_special))
     backend = Tokenizer.from_str(_bpe_tokenizer_json(all_special))
     if bos_template:  # LLaMA-style tokenizers put BOS in front of every encoded text
         bos = special["bos_token"]
@@ -249,6 +253,12 @@ def _image_only_qwen_classes() -> dict[str, type]:
     return classes
 
 
+def image_only_qwen_processor_class(family: str) -> type:
+    """`Qwen2VLImageOnlyProcessor` ("qwen2-vl") or `Qwen2_5_VLImageOnlyProcessor` ("qwen2.5-vl"):
+    `.from_pretrained(folder)` loads any Qwen2(.5)-VL processor folder without its video processor."""
+    return _image_only_qwen_classes()[_family(family)]
+
+
 def register_auto_classes() -> None:
     """Make `AutoProcessor.from_pretrained` able to load every processor this module saves."""
     _image_only_qwen_classes()
@@ -297,9 +307,11 @@ def build_tiny_processor(family: str, save_dir: str | os.PathLike | None = None)
             chat_template=_LLAVA_TEMPLATE,
         )
     elif key in ("qwen2-vl", "qwen2.5-vl"):
-        tokenizer = _fast_tokenizer(
+        tokenizer = _fast_tokenizer(  # Qwen2-VL-Instruct's special tokens, in its order; no BOS
             {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-            ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+            ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+             "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+             "<|image_pad|>", "<|video_pad|>"],
             ["input_ids", "attention_mask"],
             bos_template=False,
         )
@@ -313,9 +325,10 @@ def build_tiny_processor(family: str, save_dir: str | os.PathLike | None = None)
         from transformers import Idefics3Processor
 
         row_col = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
-        tokenizer = _fast_tokenizer(
-            {"eos_token": "<end_of_utterance>", "pad_token": "<pad>"},
-            ["<|im_start|>", "<fake_token_around_image>", "<image>", "<global-img>"] + row_col,
+        tokenizer = _fast_tokenizer(  # SmolVLM-Instruct's layout: BOS <|im_start|> (written by the template)
+            {"unk_token": "<|endoftext|>", "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>",
+             "pad_token": "<|im_end|>"},
+            ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + row_col,
             ["input_ids", "attention_mask"],
             bos_template=False,
         )
@@ -415,4 +428,5 @@ def tiny_model_facts(processor: Any, family: str) -> dict[str, Any]:
     return facts
 
 
-__all__ = ["FAMILIES", "IMAGE_TOKENS_PER_IMAGE", "build_tiny_processor", "register_auto_classes", "tiny_model_facts"]
+__all__ = ["FAMILIES", "IMAGE_TOKENS_PER_IMAGE", "build_tiny_processor", "image_only_qwen_processor_class",
+           "register_auto_classes", "tiny_model_facts"]

@@ -192,10 +192,12 @@ def _record_of_shape(sample, shape):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl", "idefics3", "paligemma"])
 def test_paper_shape_prompt_is_mapped_to_the_family_placeholder(family, sample, processors):
+    """prompt_template="verbatim": the paper text as written, only the placeholder mapped (the
+    default, "model", is tested in test_data_prompts.py)."""
     processor = processors[family]
     facts = tiny_model_facts(processor, family)
     record = _record_of_shape(sample, "paper")
-    collator = PreferenceCollator(processor, objective="mdpo", max_length=256)
+    collator = PreferenceCollator(processor, objective="mdpo", max_length=256, prompt_template="verbatim")
     text = collator.prompt_text(record)
     expected = {
         "llava": "A chat. USER: <image>\n",

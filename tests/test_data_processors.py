@@ -107,3 +107,85 @@ def test_chat_templates_place_the_image_placeholder():
     for family, text in expected.items():
         rendered = build_tiny_processor(family).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert rendered.endswith(text), (family, rendered)
+
+
+# A whole conversation (system, user with an image, the answer) as the families' real templates render it
+# (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct).
+CONVERSATION = [
+    {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+]
+REAL_RENDERINGS = {
+    # llava-hf: a system message is its bare text; every text item is followed by a space; no </s>.
+    "llava": "Be brief. USER: <image>\nWhat colour is it? ASSISTANT: Red. ",
+    "qwen2-vl": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                "What colour is it?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n",
+    "idefics3": "<|im_start|>System: Be brief.<end_of_utterance>\nUser:<image>What colour is it?<end_of_utterance>\n"
+                "Assistant: Red.<end_of_utterance>\n",
+}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "qwen2.5-vl", "idefics3"])
+def test_chat_templates_are_the_real_ones(family):
+    processor = build_tiny_processor(family)
+    key = "qwen2-vl" if family.startswith("qwen") else family
+    assert processor.apply_chat_template(CONVERSATION, tokenize=False) == REAL_RENDERINGS[key]
+    if key == "qwen2-vl":  # without a system message Qwen's template writes its default one
+        rendered = processor.apply_chat_template(CONVERSATION[1:2], add_generation_prompt=True, tokenize=False)
+        assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+        assert processor.apply_chat_template(CONVERSATION[1:2], add_vision_id=True, tokenize=False).count("Picture 1: ") == 1
+    assert build_tiny_processor("paligemma").chat_template is None
+
+
+@pytest.mark.parametrize("family, bos, eos, pad, adds_bos, more", [
+    ("llava", "<s>", "</s>", "<pad>", True, {"<unk>", "<image>"}),
+    ("qwen2-vl", None, "<|im_end|>", "<|endoftext|>", False,
+     {"<|im_start|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+      "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"}),
+    ("idefics3", "<|im_start|>", "<end_of_utterance>", "<|im_end|>", False,
+     {"<|endoftext|>", "<fake_token_around_image>", "<image>", "<global-img>", "<row_1_col_1>"}),
+    ("paligemma", "<bos>", "<eos>", "<pad>", False, {"<unk>", "<image>"}),
+])
+def test_special_token_layout_is_the_real_one(family, bos, eos, pad, adds_bos, more):
+    tok = build_tiny_processor(family).tokenizer
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (bos, eos, pad)
+    assert more <= set(tok.get_added_vocab())
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) == 1 for t in more)  # never split
+    ids = tok("hello")["input_ids"]
+    assert (ids[0] == tok.bos_token_id) is adds_bos  # LLaMA's tokenizer adds BOS; the others' templates write it
+    if family == "qwen2-vl":  # Qwen's ids in Qwen's order: <|endoftext|> < <|im_start|> < <|im_end|> < … < <|video_pad|>
+        order = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|video_pad|>"]
+        assert [tok.convert_tokens_to_ids(t) for t in order] == sorted(tok.convert_tokens_to_ids(t) for t in order)
+
+
+def _as_a_real_qwen_folder(folder, family):
+    """Make a saved tiny Qwen folder look like a real checkpoint's: the real processor class and a
+    video preprocessor config, so AutoProcessor wants the video processor (and torchvision)."""
+    import json
+
+    real = {"qwen2-vl": "Qwen2VLProcessor", "qwen2.5-vl": "Qwen2_5_VLProcessor"}[family]
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = folder / name
+        path.write_text(path.read_text().replace(real.replace("Processor", "ImageOnlyProcessor"), real))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": real, "patch_size": 14,
+        "temporal_patch_size": 2, "merge_size": 2, "size": {"shortest_edge": 12544, "longest_edge": 12544}}))
+    assert real in (folder / "processor_config.json").read_text()
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
+def test_a_real_qwen_folder_loads_without_torchvision(family, tmp_path):
+    import torch
+
+    from mdpo.data import load_processor
+    from mdpo.data.collate import _torchvision_loads
+
+    original = build_tiny_processor(family, tmp_path)
+    _as_a_real_qwen_folder(tmp_path, family)
+    loaded = load_processor(tmp_path)
+    if not _torchvision_loads():
+        assert type(loaded).__name__.endswith("ImageOnlyProcessor")
+    assert loaded.chat_template == original.chat_template
+    a, b = _encode(original, family), _encode(loaded, family)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -48,7 +48,7 @@ def test_three_shapes_from_a_json_list(image_dir):
         assert r.image_path == str(image_dir / "red.png")
         assert (r.chosen, r.rejected) == ("Red.", "Blue.")
     assert paper.prompt == PAPER["prompt"] and paper.question is None
-    assert paper.display_question == "USER: \nWhat colour? ASSISTANT:"
+    assert paper.display_question == "What colour?"  # the question recovered from the LLaVA template
     assert plain.question == "What colour?" and plain.prompt is None
     assert plain.meta == {"objects": [{"shape": "square", "colour": "red"}]}  # extra keys are kept
     assert trl.prompt == TRL["prompt"] and trl.question == "What colour?"
@@ -81,7 +81,8 @@ BAD_CASES = [
     ({**PAPER, "rejected": ""}, "empty 'rejected'"),
     ({**TRL, "chosen": [{"role": "assistant", "content": []}]}, "empty 'chosen'"),
     ({**PAPER, "prompt": "USER: What colour? ASSISTANT:"}, "prompt has 0 image placeholders '<image>'"),
-    ({**TRL, "prompt": [{"role": "user", "content": "What colour?"}]}, "prompt messages hold 0 image placeholders"),
+    ({**TRL, "prompt": [{"role": "user", "content": [{"type": "text", "text": "What colour?"}]}]},
+     "prompt messages hold 0 image placeholders"),  # typed items without an image item: not TRL's string form
     ({**TRL, "images": ["red.png", "grey.png"]}, "'images' holds 2 images; one image per record is supported"),
     ({"image": "red.png", "chosen": "a", "rejected": "b"}, "unrecognised record shape"),
     (["not", "an", "object"], "not a JSON object but list"),

@@ -16,8 +16,10 @@ from .records import (
     LoadResult,
     PreferenceRecord,
     SkippedRecord,
+    dataset_digest,
     load_image,
     load_records,
+    split_paper_prompt,
 )
 
 _LAZY = {
@@ -25,6 +27,7 @@ _LAZY = {
     "load_processor": "collate",
     "detect_family": "collate",
     "OBJECTIVES": "collate",
+    "PROMPT_TEMPLATES": "collate",
     "make_sample": "sample",
     "render_preview": "preview",
 }
@@ -41,5 +44,6 @@ def __getattr__(name):
 
 __all__ = [
     "STRATEGIES", "BadRecordError", "CorruptionConfig", "ImagePool", "LoadResult", "PreferenceRecord",
-    "SkippedRecord", "corrupt_image", "crop_box", "load_image", "load_records", *_LAZY,
+    "SkippedRecord", "corrupt_image", "crop_box", "dataset_digest", "load_image", "load_records", "split_paper_prompt",
+    *_LAZY,
 ]

@@ -1,6 +1,7 @@
 """`mdpo-data`: check a preference dataset, preview its corrupted images, or make a sample one.
 
-    mdpo-data check DATASET [--image-root DIR] [--processor DIR] [--max-length N]
+    mdpo-data check DATASET [--image-root DIR] [--processor DIR] [--max-length N] [--prompt-template model|verbatim]
+                    [--system-prompt TEXT] [--max-pixels N] [--min-pixels N] [--truncate-response]
     mdpo-data preview DATASET --out FILE.png [-n 8] [--strategy crop] [--area LOW HIGH] [--seed 0]
     mdpo-data make-sample OUT_DIR [--n 200] [--eval 40] [--seed 0] [--image-size 64]
 
@@ -13,6 +14,7 @@ import statistics
 import sys
 from collections import Counter
 
+from ..errors import MdpoError
 from .corruption import STRATEGIES, CorruptionConfig
 from .records import BadRecordError, load_records
 
@@ -31,12 +33,25 @@ def _check(args) -> int:
     bad = list(result.skipped)
     good = result.records
     lines = [f"dataset: {result.path}"]
-    token_lines = []
+    token_lines, prompt_lines = [], []
     if args.processor is not None:
         from .collate import PreferenceCollator
 
         max_length = args.max_length if args.max_length is not None else 10**9
-        collator = PreferenceCollator(args.processor, objective="dpo", max_length=max_length, family=args.family)
+        collator = PreferenceCollator(args.processor, objective="dpo", max_length=max_length, family=args.family,
+                                      prompt_template=args.prompt_template, system_prompt=args.system_prompt,
+                                      max_pixels=args.max_pixels, min_pixels=args.min_pixels,
+                                      truncate_response=args.truncate_response)
+        if good:
+            first = good[0]
+            try:
+                rendered = collator.prompt_text(first)
+                prompt_lines.append(f"prompt of record {first.index} (id {first.sample_id!r}, {first.shape} shape) as the "
+                                    f"model sees it ({collator.describe_prompts(good)}):")
+            except BadRecordError as err:
+                rendered = f"(cannot be rendered: {err.reason})"
+                prompt_lines.append(f"prompt of record {first.index} (id {first.sample_id!r}):")
+            prompt_lines += ["  | " + line for line in rendered.split("\n")]
         lengths = {"prompt": [], "image+special": [], "chosen": [], "rejected": [], "row": []}
         fitting = []
         for record in good:
@@ -56,6 +71,10 @@ def _check(args) -> int:
         token_lines.append(f"tokens ({type(collator.processor).__name__}, family {collator.family}{limit}; responses include EOS):")
         token_lines += [_stats_line(k, v) for k, v in lengths.items()]
     else:
+        if good and good[0].shape == "paper":
+            prompt_lines.append(f"prompt of record {good[0].index} as written (give --processor DIR to see it rendered "
+                                f"with the model's chat template, --prompt-template {args.prompt_template}):")
+            prompt_lines += ["  | " + line for line in str(good[0].prompt).split("\n")]
         token_lines.append("words (give --processor DIR for token counts):")
         token_lines.append(_stats_line("question", [len(r.display_question.split()) for r in good]))
         token_lines.append(_stats_line("chosen", [len(r.chosen.split()) for r in good]))
@@ -65,6 +84,7 @@ def _check(args) -> int:
     lines.append("shapes: " + (", ".join(f"{k} {v}" for k, v in sorted(shapes.items())) or "none"))
     lines.append(f"images: {len({r.image_path for r in good})} distinct files")
     lines += token_lines
+    lines += prompt_lines
     if bad:
         lines.append("bad records:")
         lines += [f"  record {index} (id {sample_id!r}): {reason}" for index, sample_id, reason in sorted(bad, key=lambda b: b[0])]
@@ -106,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--processor", default=None, help="local processor folder, for token-length statistics")
     check.add_argument("--max-length", type=int, default=None, help="with --processor: flag records that cannot fit")
     check.add_argument("--family", default=None, help="model family (default: from the processor)")
+    check.add_argument("--prompt-template", default="model", choices=("model", "verbatim"),
+                       help="paper-shape prompts: re-rendered with the model's chat template (model, default) or as written")
+    check.add_argument("--system-prompt", default=None, help="system message for records that have none")
+    check.add_argument("--max-pixels", type=int, default=None, help="Qwen2-VL / 2.5-VL: most pixels per image")
+    check.add_argument("--min-pixels", type=int, default=None, help="Qwen2-VL / 2.5-VL: fewest pixels per image")
+    check.add_argument("--truncate-response", action="store_true",
+                       help="cut responses that do not fit (as data.truncate_response: true) instead of flagging them")
     check.set_defaults(func=_check)
 
     preview = sub.add_parser("preview", help="PNG grid of original and corrupted images with the texts")
@@ -135,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (MdpoError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"mdpo-data {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,25 +1,37 @@
 """Preference records on disk → `PreferenceRecord`s, with every bad record named or counted.
 
-Three record shapes are read, from a JSON list or from JSONL (one object a line, streamed):
+Three record shapes are read, from a JSON list, from JSONL (one object a line, streamed), or from a
+Hugging Face `datasets` table (a `save_to_disk` folder or a `.parquet` file, read with the `datasets`
+package):
 
-1. paper   `{"img_path", "prompt", "chosen", "rejected"}`: `prompt` is already templated for the
-           model and holds an `<image>` placeholder (the mDPO code's data).
+1. paper   `{"img_path", "prompt", "chosen", "rejected"}`: `prompt` holds one `<image>` placeholder
+           and is usually templated for LLaVA-1.5 / Vicuna ("SYSTEM USER: <image>\\nQ ASSISTANT:", the
+           mDPO code's data). `split_paper_prompt` recovers its system text and turns; the collator
+           renders them with the model's own chat template (`prompt_template="model"`, default) or
+           keeps the text as written (`"verbatim"`).
 2. plain   `{"id"?, "image", "question", "chosen", "rejected"}`: the model's own chat template is
            applied by the collator.
-3. trl     `{"images": [path], "prompt": [messages], "chosen": [messages], "rejected": [messages]}`:
-           TRL's conversational shape; the prompt must hold one `{"type": "image"}` item.
+3. trl     `{"images": [image], "prompt": [messages], "chosen": [messages], "rejected": [messages]}`:
+           TRL's conversational shape. Message contents are lists of typed items (the prompt holding
+           one `{"type": "image"}`) or plain strings; with plain strings the image goes first in the
+           first user message, as TRL's `prepare_multimodal_messages` places it.
 
+An image is a path (relative to `image_root`, default: the dataset's folder), `{"path": ...}`,
+`{"bytes": ..., "path": ...}` (embedded bytes, as a `datasets` Image column stores them) or a PIL
+image; embedded images are kept in memory as their encoded bytes (about the dataset's size on disk).
 Every other key of a record (for example the `objects` list that `mdpo-data make-sample` writes) is
-kept in `PreferenceRecord.meta`. Image paths are relative to `image_root` (default: the folder of the
-dataset file). The sample id is the record's `id` field, else the first 16 hex digits of a BLAKE2b
-hash of its canonical JSON; ids must be unique.
+kept in `PreferenceRecord.meta`. The sample id is the record's `id` field, else the first 16 hex
+digits of a BLAKE2b hash of its canonical JSON, embedded image bytes included (so the id is stable
+across runs and processes); ids must be unique.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -30,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"  # the placeholder of the paper shape's templated prompt
 ON_BAD_RECORD = ("error", "skip")
+TABLE_SUFFIXES = (".parquet",)  # data files read with the `datasets` package (besides save_to_disk folders)
+# Role markers of the LLaVA-1.5 / Vicuna v1 template the paper's prompts are written in.
+_VICUNA_ROLES = {"USER": "user", "ASSISTANT": "assistant"}
+# Turn markers of other chat templates: a paper prompt holding one is templated in a form not parsed here.
+_OTHER_TEMPLATE_MARKERS = ("<|im_start|>", "<start_of_turn>", "<|start_header_id|>", "[INST]", "<end_of_utterance>")
 
 
 class BadRecordError(MdpoError, ValueError):
@@ -58,8 +75,9 @@ class PreferenceRecord:
     rejected: str
     shape: str  # "paper" | "plain" | "trl"
     question: str | None = None  # plain shape: the question; trl: the text of the user turn(s)
-    prompt: str | list[dict] | None = None  # paper: templated text with "<image>"; trl: message list
+    prompt: str | list[dict] | None = None  # paper: templated text with "<image>"; trl: message list (typed items)
     meta: dict[str, Any] = field(default_factory=dict)  # every other key of the record (e.g. objects)
+    image_bytes: bytes | None = None  # an embedded image's encoded bytes (then image_path is "<embedded:HASH>")
 
     @property
     def objects(self) -> list | None:
@@ -72,7 +90,11 @@ class PreferenceRecord:
         if self.question is not None:
             return self.question
         text = self.prompt if isinstance(self.prompt, str) else ""
-        return text.replace(IMAGE_PLACEHOLDER, "").strip()
+        try:
+            _, messages = split_paper_prompt(text)
+            return _message_text(messages, "user", "prompt").replace(IMAGE_PLACEHOLDER, "").strip()
+        except ValueError:
+            return text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
 @dataclass
@@ -126,6 +148,60 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | 
             index += 1
 
 
+def is_table(path: str | os.PathLike) -> bool:
+    """A `datasets` table: a `save_to_disk` folder or a `.parquet` file."""
+    path = Path(path)
+    return path.is_dir() or path.suffix.lower() in TABLE_SUFFIXES
+
+
+def dataset_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a dataset: a file's bytes, or for a folder (`datasets` save_to_disk) every file's
+    relative name and bytes in sorted order. Reads everything once (streamed, 1 MB blocks)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (index, row, None) for every row of a `datasets` table: a `save_to_disk` folder (a
+    Dataset, or a DatasetDict with one split or a "train" split) or a `.parquet` file. Image columns
+    are read undecoded, as their encoded bytes. Needs the `datasets` package (imported here only)."""
+    path = Path(path)
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{path}: reading a Hugging Face datasets folder or a parquet file needs the `datasets` "
+                          "package (pip install datasets)") from None
+    if path.is_dir():
+        try:
+            table = datasets.load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise ValueError(f"{path}: a folder, but not one written by datasets' save_to_disk ({err})") from None
+        if isinstance(table, datasets.DatasetDict):
+            splits = list(table)
+            if len(splits) == 1 or "train" in splits:
+                table = table[splits[0] if len(splits) == 1 else "train"]
+            else:
+                raise ValueError(f"{path}: a DatasetDict with splits {splits} and none named 'train'; "
+                                 "give the folder of one split")
+    else:
+        table = datasets.Dataset.from_parquet(str(path))
+    # Arrow rows: Image cells stay {"bytes", "path"} structs (never decoded to PIL, nothing re-cast or
+    # written next to the user's table).
+    index = 0
+    for batch in table.with_format("arrow").iter(batch_size=256):
+        for row in batch.to_pylist():
+            yield index, row, None
+            index += 1
+
+
 def _refuse_single_object(path: Path) -> None:
     """A pretty-printed JSON object is neither a list nor JSONL: say so instead of N bad lines."""
     try:
@@ -136,10 +212,103 @@ def _refuse_single_object(path: Path) -> None:
         raise ValueError(f"{path}: holds one JSON object; expected a JSON list of records or JSONL (one record a line)")
 
 
+def _canonical(value: Any) -> Any:
+    """JSON stand-in for what JSON cannot hold: bytes → their BLAKE2b, a PIL image → a hash of its
+    mode, size and pixels (never its memory address), anything else → str."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes:" + hashlib.blake2b(bytes(value), digest_size=16).hexdigest()
+    if hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):  # PIL image
+        digest = hashlib.blake2b(value.tobytes(), digest_size=16)
+        digest.update(f"{value.mode}{value.size}".encode())
+        return "image:" + digest.hexdigest()
+    return str(value)
+
+
 def content_id(raw: Any) -> str:
-    """A stable id from a record's content: BLAKE2b of its canonical JSON, 16 hex digits."""
-    blob = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    """A stable id from a record's content: BLAKE2b of its canonical JSON, 16 hex digits.
+    Embedded image bytes (or a PIL image's pixels) are part of it."""
+    blob = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_canonical)
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def split_paper_prompt(prompt: str) -> tuple[bool, list[dict]]:
+    """A paper-shape prompt → (templated, messages) with typed content items.
+
+    A prompt in the LLaVA-1.5 / Vicuna v1 template, "SYSTEM USER: <image>\\nQ ASSISTANT:" (more
+    turns allowed: "… ASSISTANT: A</s>USER: Q2 ASSISTANT:"), gives templated=True and its system
+    text (if any) as a system message, then the user / assistant turns, the image as a
+    `{"type": "image"}` item where its placeholder stood. A prompt without "USER:" / "ASSISTANT:"
+    markers is a bare question: templated=False and one user message. Raises ValueError for a
+    prompt in another chat template, or a Vicuna one that does not end with "ASSISTANT:" or whose
+    turns do not alternate.
+    """
+    markers = list(_VICUNA_MARKER.finditer(prompt))
+    if not markers:
+        for marker in _OTHER_TEMPLATE_MARKERS:
+            if marker in prompt:
+                raise ValueError(f"the prompt is written in a chat template with {marker!r} turns, not LLaVA-1.5's "
+                                 "'USER: … ASSISTANT:'; set data.prompt_template: verbatim to use it as written")
+        return False, [{"role": "user", "content": _content_items(prompt.strip())}]
+    turns = []
+    for i, marker in enumerate(markers):
+        end = markers[i + 1].start() if i + 1 < len(markers) else len(prompt)
+        turns.append((_VICUNA_ROLES[marker.group(1)], prompt[marker.end():end]))
+    if turns[-1][0] != "assistant" or turns[-1][1].strip():
+        raise ValueError("the prompt has LLaVA-1.5 'USER:' turns but does not end with 'ASSISTANT:'; "
+                         "set data.prompt_template: verbatim to use it as written")
+    turns = turns[:-1]
+    for i, (role, _) in enumerate(turns):
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError("the prompt's 'USER:' / 'ASSISTANT:' turns do not alternate starting with 'USER:'")
+    messages = []
+    system = prompt[:markers[0].start()].strip()
+    if system:
+        if IMAGE_PLACEHOLDER in system:
+            raise ValueError(f"the image placeholder {IMAGE_PLACEHOLDER!r} is in the system text, not in a 'USER:' turn")
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    for role, text in turns:
+        text = text.strip()
+        if role == "assistant" and text.endswith("</s>"):
+            text = text[: -len("</s>")].rstrip()
+        messages.append({"role": role, "content": _content_items(text)})
+    return True, messages
+
+
+_VICUNA_MARKER = re.compile(r"\b(USER|ASSISTANT):")  # at a word start: after a space, "</s>", "." …
+
+
+def _content_items(text: str) -> list[dict]:
+    """Text with at most one "<image>" → typed items, the image where its placeholder stood
+    (the newline LLaVA writes after it dropped)."""
+    if IMAGE_PLACEHOLDER not in text:
+        return [{"type": "text", "text": text}] if text else []
+    before, after = text.split(IMAGE_PLACEHOLDER, 1)
+    items = [{"type": "text", "text": before.strip()}] if before.strip() else []
+    items.append({"type": "image"})
+    if after.strip():
+        items.append({"type": "text", "text": after.strip()})
+    return items
+
+
+def normalize_trl_prompt(prompt: list, num_images: int = 1) -> list[dict]:
+    """TRL prompt messages → messages with typed content items.
+
+    String contents become `[{"type": "text", ...}]`; when no message holds an image item, the
+    first user message with a string content gets `num_images` `{"type": "image"}` items in front
+    of its text, as TRL's `prepare_multimodal_messages` does (TRL's collator docstring form)."""
+    need_image = count_image_items(prompt) == 0
+    out = []
+    for message in prompt:
+        message = dict(message)
+        content = message.get("content")
+        if isinstance(content, str):
+            items = [{"type": "text", "text": content}] if content else []
+            if need_image and message.get("role") == "user":
+                items = [{"type": "image"}] * num_images + items
+                need_image = False
+            message["content"] = items
+        out.append(message)
+    return out
 
 
 def _message_text(messages: Any, role: str | None, what: str) -> str:
@@ -188,7 +357,8 @@ def _text_field(raw: dict, key: str, shape: str) -> str:
     return text
 
 
-def _image_field(raw: dict) -> str:
+def _image_field(raw: dict) -> str | bytes:
+    """The record's image: a path (str) or embedded encoded bytes (from {"bytes": ...} or a PIL image)."""
     for key in ("img_path", "image", "images"):
         if key in raw and raw[key] is not None:
             value = raw[key]
@@ -196,10 +366,26 @@ def _image_field(raw: dict) -> str:
                 if len(value) != 1:
                     raise _Reason(f"'{key}' holds {len(value)} images; one image per record is supported")
                 value = value[0]
-            if isinstance(value, dict):  # {"path": ...} as some exports write it
-                value = value.get("path")
+            if isinstance(value, dict):  # {"path": ...} or a `datasets` Image cell {"bytes": ..., "path": ...}
+                if isinstance(value.get("bytes"), str):
+                    raise _Reason(f"'{key}' holds {{'bytes': <text>}}; embedded image bytes must be bytes (a datasets "
+                                  "Image cell), not text such as base64: give an image path instead")
+                if value.get("bytes") is not None:
+                    value = value["bytes"]
+                else:
+                    value = value.get("path")
+            if isinstance(value, (bytearray, memoryview)):
+                value = bytes(value)
+            if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image (a decoded `datasets` cell)
+                buffer = io.BytesIO()
+                value.save(buffer, format="PNG")
+                value = buffer.getvalue()
+            if isinstance(value, bytes):
+                if not value:
+                    raise _Reason(f"'{key}' holds empty image bytes")
+                return value
             if not isinstance(value, str) or not value:
-                raise _Reason(f"'{key}' must be an image path")
+                raise _Reason(f"'{key}' must be an image path, {{'bytes': ...}} or a PIL image, not {type(value).__name__}")
             return value
     raise _Reason("missing image ('img_path', 'image' or 'images')")
 
@@ -223,6 +409,10 @@ def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_imag
         chosen = _text_field(raw, "chosen", shape)
         rejected = _text_field(raw, "rejected", shape)
         image = _image_field(raw)
+        image_bytes = None
+        if isinstance(image, bytes):
+            image_bytes = image
+            image = f"<embedded:{hashlib.blake2b(image, digest_size=8).hexdigest()}>"
         question = None
         if shape == "paper":
             n = prompt.count(IMAGE_PLACEHOLDER)
@@ -235,18 +425,25 @@ def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_imag
             if not isinstance(question, str) or not question.strip():
                 raise _Reason("empty 'question'")
         else:
+            _message_text(prompt, None, "prompt")  # every entry a message
+            prompt = normalize_trl_prompt(prompt)
             n = count_image_items(prompt)
             if n != 1:
                 raise _Reason(f"prompt messages hold {n} image placeholders ({{'type': 'image'}}); exactly one is needed")
             question = _message_text(prompt, "user", "prompt")
-        image_path = image if os.path.isabs(image) else os.path.join(str(image_root), image)
-        if check_images:
-            check_image_file(image_path)
+        if image_bytes is not None:
+            image_path = image
+            if check_images:
+                check_image_bytes(image_bytes)
+        else:
+            image_path = image if os.path.isabs(image) else os.path.join(str(image_root), image)
+            if check_images:
+                check_image_file(image_path)
         known = {"id", "img_path", "image", "images", "prompt", "question", "chosen", "rejected"}
         meta = {k: v for k, v in raw.items() if k not in known}
         return PreferenceRecord(
             index=index, sample_id=sample_id, image_path=image_path, chosen=chosen, rejected=rejected, shape=shape,
-            question=question, prompt=prompt if shape != "plain" else None, meta=meta,
+            question=question, prompt=prompt if shape != "plain" else None, meta=meta, image_bytes=image_bytes,
         )
     except _Reason as reason:
         raise BadRecordError(index, sample_id, str(reason)) from None
@@ -265,13 +462,25 @@ def check_image_file(image_path: str) -> None:
         raise _Reason(f"image file unreadable: {image_path} ({type(err).__name__}: {err})") from None
 
 
+def check_image_bytes(data: bytes) -> None:
+    """Raise _Reason when Pillow cannot read embedded image bytes."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001
+        raise _Reason(f"embedded image unreadable ({type(err).__name__}: {err})") from None
+
+
 def load_image(record: PreferenceRecord):
     """The record's image as RGB. RGBA / LA / P-with-transparency are composited on white; other modes
     (L, P, CMYK, I;16 …) are converted. Raises BadRecordError if the file cannot be read."""
     from PIL import Image
 
     try:
-        with Image.open(record.image_path) as image:
+        source = io.BytesIO(record.image_bytes) if record.image_bytes is not None else record.image_path
+        with Image.open(source) as image:
             image.load()
             return to_rgb(image)
     except Exception as err:  # noqa: BLE001
@@ -304,34 +513,43 @@ def load_records(
     *,
     family: str | None = None,
     check_images: bool = True,
+    collator_options: dict[str, Any] | None = None,
 ) -> LoadResult:
-    """Read and validate every record of a JSON list / JSONL dataset.
+    """Read and validate every record of a JSON list / JSONL file or a `datasets` table.
 
-    path: the dataset file. image_root: folder the image paths are relative to (default: the file's folder).
+    path: the dataset file (JSON / JSONL), or a `datasets` `save_to_disk` folder or `.parquet` file.
+    image_root: folder the image paths are relative to (default: the file's folder; a dataset folder itself).
     on_bad_record: "error" raises BadRecordError at the first bad record; "skip" lists it in
         `LoadResult.skipped` (index, sample_id, reason) and goes on. Nothing is dropped silently.
     processor, max_length: when both are given, every record is also tokenised as the collator would
         (image loaded, image tokens counted) and one that does not fit in `max_length` tokens even
-        after cutting all prompt text is bad. `family` as for PreferenceCollator.
+        after cutting all prompt text is bad. `family` as for PreferenceCollator; `collator_options`
+        are the other PreferenceCollator arguments that change the tokens (prompt_template,
+        system_prompt, max_pixels, min_pixels, truncate_response): give the run's own, so that the
+        check measures what training will see.
     check_images: open every image and verify it (set False to trust the files and load faster).
     returns: LoadResult(records, skipped, path, num_read).
     """
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record={on_bad_record!r} must be one of {ON_BAD_RECORD}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    root = Path(image_root) if image_root is not None else path.parent
+    table = is_table(path)
+    if not table and not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
     measurer = None
     if processor is not None and max_length is not None:
         from .collate import PreferenceCollator
 
-        measurer = PreferenceCollator(processor, objective="dpo", max_length=max_length, family=family)
+        measurer = PreferenceCollator(processor, objective="dpo", max_length=max_length, family=family,
+                                      **(collator_options or {}))
     records: list[PreferenceRecord] = []
     skipped: list[SkippedRecord] = []
     first_index: dict[str, int] = {}
     num_read = 0
-    for index, raw, parse_error in iter_raw_records(path):
+    for index, raw, parse_error in (iter_table_records(path) if table else iter_raw_records(path)):
         num_read += 1
         try:
             if parse_error is not None:
