@@ -1,9 +1,26 @@
 """Training checkpoints: trained parameters, optimizer / scheduler state, the loop position and each
-process's RNG state, and loading them back (`resume_from`, `mdpo-eval`)."""
+process's RNG state, and loading them back (`resume_from`, `mdpo-eval`).
+
+A checkpoint `<output_dir>/checkpoints/step-NNNNNN/` holds
+    trainable.pt   the trained parameters by name (LoRA A/B matrices, or the language model for full
+                   fine-tuning): the one copy of the weights (the peft-format adapter is `final/`)
+    state.pt       optimizer and scheduler state dicts, the loop position, the number of processes
+    rng-K.pt       process K's RNG states (python, numpy, torch, cuda) as tensors and plain values
+    config.json    the run's configuration
+Every file is plain tensors and containers: they are all read with `torch.load(weights_only=True)`,
+so a checkpoint someone shares cannot run code; one holding anything else is refused, naming the file.
+
+Writing is atomic: the files go to `checkpoints/.tmp-step-NNNNNN/` (every process its rng-K.pt), and
+after all processes have written, the main process renames the folder to `step-NNNNNN`. A run killed
+while saving leaves only a `.tmp-` folder, which `resume_from: latest` ignores. `save_total_limit`
+keeps the newest N complete checkpoints.
+"""
 from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,32 +28,160 @@ import torch
 
 from .config import ConfigError, TrainConfig, to_dict
 
+STEP_DIR = re.compile(r"step-(\d+)")
+TMP_PREFIX = ".tmp-"
+REQUIRED_FILES = ("trainable.pt", "state.pt", "config.json", "rng-0.pt")
 
-def save_checkpoint(out: Path, accelerator, scorer, optimizer, scheduler, position: dict, cfg: TrainConfig) -> Path:
-    ckpt = out / "checkpoints" / f"step-{position['global_step']:06d}"
+
+class CheckpointError(ConfigError):
+    """A checkpoint folder that cannot be loaded (incomplete, unsafe or foreign files); names the file."""
+
+
+# ------------------------------------------------------------------------------------------ files
+def _save_file(obj, path: Path) -> None:
+    """Every checkpoint file is written here (one place: tests interrupt a save between files)."""
+    torch.save(obj, path)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make a fully written temporary checkpoint folder the complete one (a rename)."""
+    if final.exists():  # the same step saved again (a rerun into the same output_dir)
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def load_file(path: Path, **kwargs):
+    """torch.load with weights_only=True; anything that is not tensors and plain containers (a pickled
+    object, a foreign or truncated file) is refused with a CheckpointError naming the file."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 — UnpicklingError for unsafe content, others for damage
+        raise CheckpointError(f"{path}: cannot be loaded safely (weights_only=True): only tensors and plain "
+                              f"containers are accepted in a checkpoint ({type(exc).__name__}: {str(exc)[:300]})") from exc
+
+
+# -------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain values (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": None if gauss is None else float(gauss)},
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def derived_rng_seed(seed: int, global_step: int, rank: int) -> int:
+    """The seed of a process that has no saved RNG state (the run now has more processes than the
+    checkpoint's): a function of the run's seed, the step and the process index only."""
+    return (seed * 1_000_003 + global_step * 7_919 + rank * 104_729) % 2**32
+
+
+# ----------------------------------------------------------------------------------- save / find
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (by step): `step-N` folders holding every
+    required file; `.tmp-` folders (interrupted saves) are not listed."""
+    root = checkpoints_dir(output_dir)
+    found = []
+    for path in root.iterdir() if root.is_dir() else ():
+        match = STEP_DIR.fullmatch(path.name)
+        if match and path.is_dir() and all((path / name).is_file() for name in REQUIRED_FILES):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
+    """`resume_from` as a checkpoint folder: `latest` is the newest complete checkpoint in
+    output_dir (None when there is none yet: the run starts from step 0)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if path.name.startswith(TMP_PREFIX):
+        raise CheckpointError(f"resume_from={path}: an interrupted, incomplete save (a {TMP_PREFIX} folder); "
+                              f"use a step-N folder or resume_from=latest")
+    return path
+
+
+def save_checkpoint(out: Path, accelerator, scorer, optimizer, scheduler, position: dict, cfg: TrainConfig,
+                    keep: Path | None = None) -> Path:
+    """Write `checkpoints/step-N/` atomically (see the module docstring); every process calls it.
+
+    keep: a checkpoint `save_total_limit` must not delete (the one this run resumed from).
+    Costs one copy of the trainable parameters and optimizer state to host memory and disk.
+    """
+    root = checkpoints_dir(out)
+    name = f"step-{position['global_step']:06d}"
+    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
     model = accelerator.unwrap_model(scorer).model
     if accelerator.is_main_process:
-        ckpt.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier interrupted save of this step
+        tmp.mkdir(parents=True)
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save(trainable, ckpt / "trainable.pt")
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(ckpt / "adapter")  # peft format, loadable with PeftModel.from_pretrained
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "position": position}, ckpt / "state.pt")
-        (ckpt / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        _save_file(trainable, tmp / "trainable.pt")
+        _save_file({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "position": dict(position),
+                    "processes": accelerator.num_processes}, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, ckpt / f"rng-{accelerator.process_index}.pt")
-    return ckpt
+    _save_file(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _publish(tmp, final)
+        limit = getattr(cfg, "save_total_limit", 0) or 0
+        if limit > 0:
+            prune_checkpoints(out, limit, keep=[final] + ([keep] if keep is not None else []))
+    accelerator.wait_for_everyone()
+    return final
 
 
+def prune_checkpoints(out: Path, limit: int, keep: list[Path]) -> list[Path]:
+    """Delete complete checkpoints older than the newest `limit`, never one in `keep`; -> deleted."""
+    keep_resolved = {Path(k).resolve() for k in keep}
+    found = complete_checkpoints(out)
+    deleted = []
+    for path in found[: max(0, len(found) - limit)]:
+        if path.resolve() not in keep_resolved:
+            shutil.rmtree(path)
+            deleted.append(path)
+    return deleted
+
+
+# ------------------------------------------------------------------------------------------- load
 def load_trainable(model: torch.nn.Module, ckpt: Path, key: str) -> None:
     """Copy a checkpoint's trained parameters (trainable.pt, by name) into `model`; `key` names the
     setting that pointed at the checkpoint, for the error messages."""
     if not (ckpt / "state.pt").is_file() or not (ckpt / "trainable.pt").is_file():
         raise ConfigError(f"{key}={ckpt}: not a checkpoint folder (no state.pt / trainable.pt)")
-    trainable = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
+    trainable = load_file(ckpt / "trainable.pt")
     params = dict(model.named_parameters())
     missing = sorted(set(trainable) - set(params))
     if missing:
@@ -46,15 +191,35 @@ def load_trainable(model: torch.nn.Module, ckpt: Path, key: str) -> None:
             params[name].copy_(value)
 
 
-def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler) -> dict:
+def read_position(ckpt: Path) -> dict:
+    """The loop position of a checkpoint (mmap: the optimizer state is not read into memory)."""
+    return load_file(ckpt / "state.pt", mmap=True)["position"]
+
+
+def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler, seed: int = 0) -> dict:
+    """Restore parameters, optimizer, scheduler and this process's RNG; -> the loop position.
+
+    With more processes than the checkpoint was saved from, a process without an rng-K.pt gets RNG
+    states seeded from (seed, step, K) — deterministic, but not what an unchanged run would draw —
+    and a note is printed; with fewer, the extra rng files are unused.
+    """
     load_trainable(accelerator.unwrap_model(scorer).model, ckpt, "resume_from")
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    state = load_file(ckpt / "state.pt")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["position"]
+    position = state["position"]
+    saved = int(state.get("processes", 1))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if saved != world:
+        accelerator.print(f"note: resume_from={ckpt} was saved by {saved} process(es), this run has {world}; "
+                          + (f"processes {saved}..{world - 1} start from RNG states derived from (seed, step, process)"
+                             if world > saved else "the RNG states of the others are unused"))
+    rng_path = ckpt / f"rng-{rank}.pt"
+    if rank < saved or rng_path.is_file():
+        set_rng_state(load_file(rng_path))
+    else:
+        derived = derived_rng_seed(seed, int(position["global_step"]), rank)
+        random.seed(derived)
+        np.random.seed(derived)
+        torch.manual_seed(derived)
+    return position

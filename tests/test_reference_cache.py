@@ -69,3 +69,48 @@ def test_merge_refuses_overlapping_or_mismatched_parts():
         ReferenceCache.merge([_part(["a", "b"], 0), _part(["b"], 10)])
     with pytest.raises(StaleCacheError, match="part 1 has another fingerprint.*data.sha256"):
         ReferenceCache.merge([_part(["a"], 0), _part(["b"], 10, fp={"data.sha256": "zzz"})])
+
+
+def test_a_partial_cache_names_the_entries_it_lacks_and_merges_with_their_part(tmp_path):
+    fp = canonical({"data.sha256": "abc"})
+    held = torch.tensor([[True, False], [False, False]])
+    part = ReferenceCache(fp, ["a", "b"], torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.zeros(2, 2),
+                          torch.tensor([True, True]), held)
+    part.save(tmp_path / "ref.pt")
+    part = ReferenceCache.load(tmp_path / "ref.pt", fp)
+    assert part.n_entries == 3 and part.lookup(["a"], 0).tolist() == [1.0, 3.0, 0.0]
+    with pytest.raises(StaleCacheError, match=r"no corrupted-image entry at corruption epoch 1 for sample id\(s\) \['a'\]"):
+        part.lookup(["a"], 1)
+    rest = ReferenceCache(fp, ["b", "a"], torch.zeros(2), torch.zeros(2), torch.tensor([[5.0, 0.0], [6.0, 7.0]]),
+                          torch.tensor([False, False]), torch.tensor([[True, False], [True, True]]))
+    merged = ReferenceCache.merge([part, rest])
+    assert merged.n_entries == 6 and merged.lookup(["b", "a"], 1).tolist() == [2.0, 1.0, 4.0, 3.0, 6.0, 7.0]
+    with pytest.raises(StaleCacheError, match="overlap"):
+        ReferenceCache.merge([merged, rest])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_weights_digest_sees_any_single_changed_weight(dtype):
+    from mdpo.reference_cache import DIGEST_CHUNK
+
+    gen = torch.Generator().manual_seed(1)
+    values = 1 + 0.01 * torch.randn(DIGEST_CHUNK + 123, generator=gen)  # like a norm's weights: Σw ≈ 4·10^6
+    big = torch.nn.Parameter((values * 50 if dtype == torch.int8 else values).to(dtype), requires_grad=False)
+    model = torch.nn.Module()
+    model.register_parameter("w", big)
+    before = weights_digest(model)
+    assert weights_digest(model) == before  # deterministic
+    for index in (0, 1, DIGEST_CHUNK - 1, DIGEST_CHUNK, DIGEST_CHUNK + 122):  # both chunks, their edges
+        with torch.no_grad():
+            old = big[index].clone()
+            bits = big.view(torch.int16 if big.element_size() == 2 else torch.int8 if big.element_size() == 1 else torch.int32)
+            bits[index] += 1  # the smallest change of the value's bits (one ulp for floats)
+            assert weights_digest(model) != before, index
+            big[index] = old
+    assert weights_digest(model) == before
+    # two tensors swapped (same sums overall) are told apart by name
+    pair = torch.nn.Module()
+    pair.a, pair.b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(3))
+    swapped = torch.nn.Module()
+    swapped.a, swapped.b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(3))
+    assert weights_digest(pair) != weights_digest(swapped)
