@@ -176,3 +176,30 @@ def test_random_image_refuses_embedded_images_by_name(image_dir, processors):
                for i, n in enumerate(("red.png", "blue.png"))]
     with pytest.raises(ConfigError, match="random_image .* 2 record\\(s\\) hold embedded images"):
         PreferenceCollator(processors["llava"], corruption=CorruptionConfig(strategy="random_image"), image_pool=records)
+
+
+def test_mdpo_train_on_a_save_to_disk_folder_with_the_cached_reference(table, tmp_path):
+    """The default reference.mode (cached) fingerprints the dataset: a folder is digested whole (it was
+    opened as one file before, IsADirectoryError), and editing a row makes the cache stale."""
+    from mdpo.config import load_config
+    from mdpo.reference_cache import StaleCacheError
+    from mdpo.train import train
+
+    rows = datasets.concatenate_datasets([table] * 4).map(  # 8 distinct pairs (ids are content hashes)
+        lambda row, i: {"prompt": [{"role": "user", "content": f"{row['prompt'][0]['content']} ({i})"}]}, with_indices=True)
+    folder = tmp_path / "prefs"
+    rows.save_to_disk(str(folder))
+    overrides = [f"data.path={folder}", f"output_dir={tmp_path / 'run'}", "model.preset=tiny-llava", "max_steps=1",
+                 "epochs=1", "micro_batch_size=2", "effective_batch_size=4", "data.max_length=256", "plots=false",
+                 "report_to=none", "progress_bar=false", "data.corruption=crop"]
+    summary = train(load_config(None, overrides))
+    assert summary["steps"] == 1 and (tmp_path / "run" / "reference_logps.pt").is_file()
+    edited = rows.map(lambda row, i: {"chosen": [{"role": "assistant", "content": "It is blue."}]} if i == 0 else {},
+                      with_indices=True)
+    edited.save_to_disk(str(tmp_path / "edited"))
+    import shutil
+
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "edited", folder)
+    with pytest.raises(StaleCacheError, match="data.sha256"):
+        train(load_config(None, overrides))
