@@ -4,6 +4,9 @@
     python -m benchmarks.train_step --device cpu            # CPU: 2 text + 1 vision layers, 112 px, 1 pair, fp32
     python -m benchmarks.train_step --quick                 # smoke run (CPU: 1 text layer, 56 px; GPU: 4 text layers)
     python -m benchmarks.train_step --text-layers 32 --pairs 4 --grad-ckpt --providers ours,paper
+    python -m benchmarks.train_step --device cpu --text-layers 1 --image-size 336 --prompt-tokens 40 \
+        --response-tokens 120 --rejected-tokens 100 --interleave 4 --tag cpu-shared \
+        --providers ours,ours-shared,ref-pass,ref-pass-shared    # issue 13's shared-prefix figures
 
 A step is what the user waits for: forward over the rows, loss, backward, gradient clipping (max norm
 1.0) and an AdamW step (lr 1e-5), then `zero_grad(set_to_none=True)`. Not in the step, for every
@@ -21,14 +24,20 @@ frozen), or `--full` fine-tuning of the language model and LM head (`freeze_for_
 
 A row is [BOS | image tokens | prompt | response]; only the response is supervised. Rows are laid out
 [chosen | rejected | corrupted], B each: chosen and rejected share the image, the corrupted row repeats
-the chosen response with another image. No padding (every row has the same length T).
+the chosen response with another image. With `--rejected-tokens` ≠ `--response-tokens` the shorter
+rows are right-padded to T, as the collator pads them; otherwise there is no padding.
 
 Providers (side by side, one process for time; on the CPU each in its own child process for memory):
-  ours      what `mdpo/train.py` does per micro-batch: ONE policy forward over the 3B rows through
+  ours      what `mdpo/train.py` did per micro-batch before issue 13 (`shared_prefix=off`): ONE policy
+            forward over the 3B rows through
             `SequenceScorer` (the adapter's last hidden states → `linear_sequence_logprobs`: only the
             response tokens meet the LM head, no logits), `MDPOLoss`, and reference log-probs read from a
             cache (computed once in setup, adapters off — not part of the step; the (3B,) CPU tensor is
             copied to the device each step, as `cache.lookup(...).to(device)` does)
+  ours-shared  the same with `shared_prefix=on` (train.py's default): each pair as one packed row
+            [prefix | y_w | y_l], the corrupted rows beside it (`mdpo.shared_prefix`); cache computed shared
+  ref-pass / ref-pass-shared   the cached reference pass over one micro-batch (no grad, adapters off,
+            dropout off), unshared / shared
   ours-live the same forward, with the reference computed live (one no-grad call over 3B rows,
             adapters off) — train.py's `reference.mode: live`; shows what the cache saves
   paper     the paper code's pattern (an old TRL DPOTrainer subclass): two policy calls per step
@@ -47,6 +56,12 @@ processes: 3B·T for ours/paper, 2B·T for trl-dpo), peak memory — "extra" (th
 what is resident before the step: weights, optimizer state, batch) and "total" (CUDA: the allocator's
 peak during one step, `max_memory_allocated`; CPU: resident bytes counted from the tensors + the
 measured extra) — and the ratios of each provider to `paper` and to `trl-dpo`.
+With `--interleave ROUNDS` the providers are timed interleaved (one warm-up call each, then ROUNDS
+rounds in a rotated order: a shared machine's drifting load hits all of them alike), and each row
+also reports the language model's forwards and tokens per step (exact, device-independent), the model
+FLOPs per step (`forward_flops`) and their rate as a fraction of bare `torch.mm` at the model's GEMM
+shapes, probed twice per round; the shared-prefix targets of issue 13 are printed (step ≥ 1.5× and
+peak extra memory ≤ 0.8× of `ours`, reference pass ≥ 1.4×, ≥ 50 % of the GEMM rate).
 Targets (printed, never asserted): GPU — ours ≥ 1.5× the paper pattern's tokens/s at ≤ 0.6× its peak
 memory; CPU — ratios only. The CPU runs few layers, so the LM head's and the logits' share of time and
 memory is much larger there than in the 32-layer model: read CPU ratios as a check, not a forecast.
@@ -58,6 +73,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import statistics
 
 import torch
 
@@ -67,7 +83,8 @@ IGNORE = -100
 BETA = 0.1
 LR = 1e-5
 MAX_GRAD_NORM = 1.0
-ALL_PROVIDERS = ["ours", "ours-live", "paper", "trl-dpo"]
+ALL_PROVIDERS = ["ours", "ours-shared", "ours-live", "paper", "trl-dpo", "ref-pass", "ref-pass-shared"]
+SHARED = ("ours-shared", "ref-pass-shared")  # providers whose scorer shares the image + prompt prefix
 BASELINES = ("paper", "trl-dpo")
 
 # LLaVA-1.5-7B: Vicuna-7B text model + CLIP ViT-L/14-336 + 2-layer MLP projector.
@@ -94,8 +111,14 @@ def image_tokens(shape: dict) -> int:
     return (shape["image_size"] // shape["patch"]) ** 2
 
 
+def rejected_tokens(shape: dict) -> int:
+    """|y_l| (default |y_w|, the older benchmark's equal-length rows)."""
+    return shape.get("rejected_tokens") or shape["response_tokens"]
+
+
 def seq_len(shape: dict) -> int:
-    return image_tokens(shape) + shape["prompt_tokens"] + shape["response_tokens"]
+    """T: the longest row, image tokens + prompt + the longer response."""
+    return image_tokens(shape) + shape["prompt_tokens"] + max(shape["response_tokens"], rejected_tokens(shape))
 
 
 def llava_config(shape: dict):
@@ -157,11 +180,12 @@ def get_model(shape: dict, options: dict):
 
 
 def make_batch(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """3B rows [chosen | rejected | corrupted] of length T = image tokens + prompt + response.
+    """3B rows [chosen | rejected | corrupted] of length T = image tokens + prompt + the longer response.
 
     input_ids (3B, T) with the image token placed `image_tokens` times after BOS; labels = input_ids on
     the response, −100 elsewhere; pixel_values (3B, 3, S, S): chosen and rejected share an image, the
-    corrupted rows get another one.
+    corrupted rows get another one. With |y_l| ≠ |y_w| the shorter rows are right-padded, as the
+    collator pads them (attention_mask 0, labels −100); `num_pairs` = B as the collator gives it.
     """
     pairs, vocab = shape["pairs"], shape["vocab"]
     gen = torch.Generator().manual_seed(1)
@@ -173,30 +197,37 @@ def make_batch(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
     prompt[:, 0] = 1  # BOS
     image = torch.full((pairs, image_tokens(shape)), vocab - 1)
     prefix = torch.cat([prompt[:, :1], image, prompt[:, 1:]], dim=1)
-    chosen, rejected = text(shape["response_tokens"]), text(shape["response_tokens"])
-    input_ids = torch.cat([torch.cat([prefix, resp], dim=1) for resp in (chosen, rejected, chosen)])
+    chosen, rejected = text(shape["response_tokens"]), text(rejected_tokens(shape))
+    width = prefix.shape[1] + max(chosen.shape[1], rejected.shape[1])
+    pad = lambda rows: torch.nn.functional.pad(rows, (0, width - rows.shape[1]), value=0)  # noqa: E731
+    input_ids = torch.cat([pad(torch.cat([prefix, resp], dim=1)) for resp in (chosen, rejected, chosen)])
+    lengths = [prefix.shape[1] + r.shape[1] for r in (chosen, rejected, chosen)]
+    attention_mask = torch.cat([(torch.arange(width) < n).long().expand(pairs, -1) for n in lengths])
     labels = input_ids.clone()
     labels[:, : prefix.shape[1]] = IGNORE
+    labels[attention_mask == 0] = IGNORE
     size = shape["image_size"]
     original = torch.randn(pairs, 3, size, size, generator=gen)
     corrupted = torch.randn(pairs, 3, size, size, generator=gen)
     pixel_values = torch.cat([original, original, corrupted])
     return {
-        "input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
-        "pixel_values": pixel_values.to(device=device, dtype=dtype), "labels": labels.to(device),
+        "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+        "pixel_values": pixel_values.to(device=device, dtype=dtype), "labels": labels.to(device), "num_pairs": pairs,
     }
 
 
 def rows_of(batch: dict, start: int, stop: int) -> dict:
-    return {k: v[start:stop] for k, v in batch.items()}
+    return {k: v[start:stop] for k, v in batch.items() if torch.is_tensor(v)}
 
 
 # ----------------------------------------------------------------------------------------------- pieces
-def make_scorer(model, adapter):
-    """(scorer module, where it came from): the trainer's own SequenceScorer."""
+def make_scorer(model, adapter, shared: bool = False):
+    """(scorer module, where it came from): the trainer's own SequenceScorer; `shared`: model.shared_prefix=on
+    (ours-shared), else off (ours: one forward over the 3B rows as they come)."""
     from mdpo.scoring import SequenceScorer
 
-    return SequenceScorer(model, adapter), "mdpo.scoring.SequenceScorer"
+    mode = "on" if shared else "off"
+    return SequenceScorer(model, adapter, shared_prefix=mode), f"mdpo.scoring.SequenceScorer(shared_prefix={mode})"
 
 
 def adapters_off(model):
@@ -230,6 +261,160 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
+# ----------------------------------------------------------------------------------------------- work
+def lm_forwards(provider: str, shape: dict, batch: dict, model=None, adapter=None) -> list[dict]:
+    """The language-model forwards of one step: rows × L (padding included), with or without gradient,
+    images through the vision tower, tokens through the LM head. Exact and device-independent.
+
+    ours-shared / ref-pass-shared: the packed forwards `mdpo.shared_prefix` runs for this batch.
+    """
+    from mdpo import shared_prefix
+
+    pairs, T = shape["pairs"], seq_len(shape)
+    supervised = int((batch["labels"] != IGNORE).sum())
+
+    def fwd(rows, grad, full_logits=False, length=T, head=None):
+        return {"rows": rows, "L": length, "grad": grad, "images": rows, "full_logits": full_logits,
+                "head": rows * length if full_logits else head}
+
+    if provider in SHARED:
+        plan = shared_prefix._plan(model, adapter, batch)
+        if plan is None:
+            raise RuntimeError("the benchmark batch does not have the collator's layout: no shared forward")
+        _, packed, _, _, groups, _ = plan
+        out = [fwd(len(g), provider == "ours-shared", length=max(packed[j].length for j in g), head=0) for g in groups]
+        out[0]["head"] = supervised
+        return out
+    if provider == "ref-pass":
+        return [fwd(3 * pairs, False, head=supervised)]
+    if provider == "ours":
+        return [fwd(3 * pairs, True, head=supervised)]
+    if provider == "ours-live":
+        return [fwd(3 * pairs, True, head=supervised), fwd(3 * pairs, False, head=supervised)]
+    if provider == "paper":
+        return [fwd(2 * pairs, True, True), fwd(pairs, True, True), fwd(2 * pairs, False, True), fwd(pairs, False, True)]
+    return [fwd(2 * pairs, True, True), fwd(2 * pairs, False, True)]  # trl-dpo
+
+
+def forward_flops(shape: dict, f: dict) -> int:
+    """Model FLOPs of one forward `f` (see lm_forwards), with its backward when f["grad"].
+
+    Language model per layer: q, k, v, o and the gated MLP (2·tokens·in·out each), attention QKᵀ and
+    AV over the dense L × L square that SDPA computes under a mask (4·rows·L²·H), LoRA's A and B.
+    LM head 2·H·V per scored token. Vision tower (CLIP, 1 + image tokens per image) and projector:
+    forward only (frozen, no gradient). Backward with LoRA: dX of the frozen GEMMs (1×), attention
+    (2×), LoRA (2×), LM head dX (1×); full fine-tuning adds the weight gradients (2×).
+    """
+    H, I, V, Lt = shape["hidden"], shape["intermediate"], shape["vocab"], shape["text_layers"]
+    kv = H * shape["kv_heads"] // shape["heads"]
+    tokens = f["rows"] * f["L"]
+    linear = 2 * tokens * Lt * (2 * H * H + 2 * H * kv + 3 * H * I)
+    attention = 4 * f["rows"] * f["L"] ** 2 * H * Lt
+    lora = 0
+    if shape["finetune"] == "lora":
+        r = shape["lora_r"]
+        lora = 2 * tokens * Lt * r * (2 * (H + H) + 2 * (H + kv) + 3 * (H + I))
+    head = 2 * f["head"] * H * V
+    n_img, Hv, Iv, Lv = image_tokens(shape), shape["vision_hidden"], shape["vision_intermediate"], shape["vision_layers"]
+    nv = n_img + 1
+    vision = f["images"] * (2 * nv * Lv * (4 * Hv * Hv + 2 * Hv * Iv) + 4 * nv * nv * Hv * Lv
+                            + 2 * nv * 3 * shape["patch"] ** 2 * Hv + 2 * n_img * (Hv * H + H * H))
+    if f["grad"]:
+        weights = 2 if shape["finetune"] == "lora" else 3
+        linear, attention, lora, head = weights * linear, 3 * attention, 3 * lora, weights * head
+    return int(linear + attention + lora + head + vision)
+
+
+def mm_probe(shape: dict, options: dict):
+    """(one call, its FLOPs): bare `torch.mm` at the text model's GEMM shapes for T tokens, into
+    preallocated outputs (fresh outputs would add page faults that no GEMM rate includes)."""
+    device, dtype = torch.device(options["device"]), getattr(torch, options["dtype"])
+    H, I, T = shape["hidden"], shape["intermediate"], seq_len(shape)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(T, H, generator=gen).to(device, dtype), torch.randn(T, I, generator=gen).to(device, dtype)
+    wq, wu, wd = (torch.randn(a, b, generator=gen).to(device, dtype) for a, b in ((H, H), (H, I), (I, H)))
+
+    oh, oi = torch.empty(T, H, device=device, dtype=dtype), torch.empty(T, I, device=device, dtype=dtype)
+
+    def call():
+        torch.mm(x, wq, out=oh), torch.mm(x, wu, out=oi), torch.mm(y, wd, out=oh)
+
+    return call, 2 * T * (H * H + 2 * H * I)
+
+
+def run_interleaved(spec: H.BenchSpec, shape: dict, rounds: int, measure_memory: bool) -> tuple[list[dict], dict]:
+    """Time the providers interleaved: one warm-up call each, then `rounds` rounds, each calling every
+    provider once in a rotated order, and the bare-GEMM probe once; median and spread per provider.
+
+    A shared machine's load drifts; interleaving exposes every provider to the same drift. Memory: each
+    provider in its own child process on the CPU (the harness's `memory_in_child`), in process on CUDA.
+    """
+    import time
+
+    device = torch.device(spec.options["device"])
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
+    fns, failed = {}, {}
+    for p in spec.providers:
+        try:
+            fns[p] = setup(p, shape, "step", spec.options)
+        except Exception as err:  # noqa: BLE001 — a provider that cannot run is a result (e.g. on under flash-attn)
+            failed[p] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    probe, probe_flops = mm_probe(shape, spec.options)
+    for fn in (*fns.values(), probe):
+        fn()
+    times: dict[str, list[float]] = {p: [] for p in fns}
+    mm: list[float] = []
+    names = list(fns)
+    for i in range(rounds):
+        for p in names[i % len(names):] + names[: i % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            fns[p]()
+            sync()
+            times[p].append(time.perf_counter() - t0)
+            print(f"  round {i + 1}/{rounds} {p}: {times[p][-1]:.2f} s", flush=True)
+        for _ in range(2):
+            sync()
+            t0 = time.perf_counter()
+            probe()
+            sync()
+            mm.append(probe_flops / (time.perf_counter() - t0))
+    stamp_fields = H.stamp(spec.options["device"])
+    STATS["_rounds"] = times  # per-round times (s): paired ratios in shared_report
+    rows = []
+    for p in names:
+        ms = [t * 1e3 for t in times[p]]
+        row = {"benchmark": spec.name, "provider": p, "shape": spec.label(shape), "shape_params": shape, "mode": "step",
+               **{k: v for k, v in spec.options.items() if isinstance(v, (str, int, float, bool))},
+               "ms_median": statistics.median(ms), "ms_p20": H._quantile(ms, 0.2), "ms_p80": H._quantile(ms, 0.8),
+               "ms_min": min(ms), "ms_max": max(ms), "reps": len(ms), "ms_all": ms, "timing": "interleaved"}
+        rows.append(row)
+    for p, error in failed.items():
+        rows.append({"benchmark": spec.name, "provider": p, "shape": spec.label(shape), "mode": "step", "error": error})
+    if measure_memory:
+        for row in rows:
+            if row["provider"].startswith("ref-pass") or "error" in row:  # ref: forward only, no memory target
+                continue
+            try:
+                if device.type == "cuda":
+                    row["peak_mem_bytes"], row["mem_method"] = H.measure_peak_memory(fns[row["provider"]], device)
+                else:
+                    row["peak_mem_bytes"], row["mem_method"] = H.memory_in_child(spec, row["provider"], shape, "step")
+            except Exception as err:  # noqa: BLE001
+                row["mem_error"] = f"{type(err).__name__}: {str(err)[:160]}"
+    for row in rows:
+        row.update(stamp_fields)
+    mm_rate = {"flops_per_s_median": statistics.median(mm), "flops_per_s_min": min(mm), "flops_per_s_max": max(mm),
+               "gemm_shapes": f"T={seq_len(shape)} tokens × (H×H, H×I, I×H)"}
+    for row in rows:
+        flops = STATS.get(row["provider"], {}).get("model_flops")
+        if flops:
+            row["model_flops"] = flops
+            row["flops_per_s"] = flops / (row["ms_median"] * 1e-3)
+            row["fraction_of_mm"] = row["flops_per_s"] / mm_rate["flops_per_s_median"]
+    return rows, mm_rate
+
+
 # ----------------------------------------------------------------------------------------------- factory
 def setup(provider: str, shape: dict, mode: str, options: dict):
     """Model, batch, optimizer (and cache) for one provider; returns the one-step callable (see `_harness`)."""
@@ -260,12 +445,24 @@ def setup(provider: str, shape: dict, mode: str, options: dict):
         if on_cuda:  # allocator statistic, no sync; the last call is the harness's memory call
             stats["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
 
-    if provider in ("ours", "ours-live"):
-        scorer, stats["scorer"] = make_scorer(model, adapter)
+    if provider in ("ref-pass", "ref-pass-shared"):  # the cached reference pass over one micro-batch
+        scorer, stats["scorer"] = make_scorer(model if reference_model is None else reference_model, adapter,
+                                              provider in SHARED)
+
+        def step():
+            model.eval()  # as prepare_reference_cache: dropout off, no grad, adapters off
+            with torch.no_grad(), adapters_off(model):
+                scorer(batch).float().cpu()
+            model.train()
+
+        policy_rows = 3 * pairs
+        extra_resident = []
+    elif provider in ("ours", "ours-shared", "ours-live"):
+        scorer, stats["scorer"] = make_scorer(model, adapter, provider in SHARED)
         ref_scorer = scorer if reference_model is None else make_scorer(reference_model, adapter)[0]
         criterion = MDPOLoss(beta=BETA)
         ref_cache = None
-        if provider == "ours":  # the cache, computed once before training (train.py: compute_reference_cache)
+        if provider != "ours-live":  # the cache, computed once before training (train.py: compute_reference_cache)
             scorer.eval()
             with torch.no_grad(), adapters_off(model):
                 ref_cache = scorer(batch).float().cpu()
@@ -324,9 +521,14 @@ def setup(provider: str, shape: dict, mode: str, options: dict):
     weights = list(model.parameters()) + list(model.buffers())
     if reference_model is not None:
         weights += list(reference_model.parameters()) + list(reference_model.buffers())
+    supervised = int((batch["labels"] != IGNORE).sum())
+    forwards = lm_forwards(provider, shape, batch, model, adapter)
     stats.update(
-        policy_rows=policy_rows, T=T, tokens=policy_rows * T, supervised=policy_rows * shape["response_tokens"],
-        resident_bytes=_tensor_bytes(weights) + 2 * _tensor_bytes(trainable) + _tensor_bytes(batch.values())
+        policy_rows=policy_rows, T=T, tokens=policy_rows * T, supervised=supervised, forwards=forwards,
+        lm_tokens=sum(f["rows"] * f["L"] for f in forwards),
+        lm_tokens_grad=sum(f["rows"] * f["L"] for f in forwards if f["grad"]),
+        model_flops=sum(forward_flops(shape, f) for f in forwards),
+        resident_bytes=_tensor_bytes(weights) + 2 * _tensor_bytes(trainable) + _tensor_bytes(v for v in batch.values() if torch.is_tensor(v))
         + _tensor_bytes(extra_resident),
     )
     return step
@@ -337,7 +539,8 @@ def annotate(rows: list[dict], device: str) -> None:
     """tokens/s, resident and total peak memory, and ratios to each baseline present."""
     for row in rows:
         stats = STATS.get(row["provider"], {})
-        for key in ("policy_rows", "T", "tokens", "supervised", "resident_bytes", "scorer"):
+        for key in ("policy_rows", "T", "tokens", "supervised", "resident_bytes", "scorer", "lm_tokens", "lm_tokens_grad",
+                    "model_flops", "forwards"):
             if key in stats:
                 row[key] = stats[key]
         if "ms_median" in row and "tokens" in row:
@@ -363,7 +566,7 @@ def annotate(rows: list[dict], device: str) -> None:
 def summary_table(rows: list[dict]) -> str:
     gib = lambda b: "—" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
     ratio = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
-    header = ["provider", "policy rows × T", "median s", "tokens/s", "peak extra GiB", "resident GiB", "peak total GiB",
+    header = ["provider", "policy rows × T", "LM tokens/step", "median s", "tokens/s", "peak extra GiB", "resident GiB", "peak total GiB",
               "tok/s vs paper", "total mem vs paper", "tok/s vs trl-dpo", "total mem vs trl-dpo"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -371,7 +574,7 @@ def summary_table(rows: list[dict]) -> str:
             lines.append(f"| {r['provider']} | {r.get('error') or 'skipped: ' + str(r.get('skipped'))} |" + " |" * (len(header) - 2))
             continue
         lines.append("| " + " | ".join([
-            r["provider"], f"{r.get('policy_rows')} × {r.get('T')}", f"{r['ms_median'] / 1e3:.3f}",
+            r["provider"], f"{r.get('policy_rows')} × {r.get('T')}", str(r.get("lm_tokens", "—")), f"{r['ms_median'] / 1e3:.3f}",
             f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "—",
             gib(r.get("peak_mem_bytes")), gib(r.get("resident_bytes")), gib(r.get("peak_total_bytes")),
             ratio(r.get("throughput_vs_paper")), ratio(r.get("total_mem_vs_paper")),
@@ -408,6 +611,68 @@ def target_report(rows: list[dict], device: str) -> list[str]:
     return lines
 
 
+def shared_report(rows: list[dict], mm_rate: dict) -> list[str]:
+    """The shared-prefix targets (issue 13), each met or missed with its number."""
+    by = {r["provider"]: r for r in rows if "ms_median" in r}
+    lines = []
+
+    def ratio(a, b, key):
+        return by[a][key] / by[b][key] if a in by and b in by and by[a].get(key) and by[b].get(key) else None
+
+    fmt = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
+    verdict = lambda ok: "MET" if ok else "missed"  # noqa: E731
+    rounds = STATS.get("_rounds", {})
+
+    def per_round(a, b):  # the ratio within each round: robust to a load that drifts between rounds
+        if a not in rounds or b not in rounds:
+            return ""
+        values = [x / y for x, y in zip(rounds[a], rounds[b])]
+        return (f"; per round {', '.join(f'{v:.2f}' for v in values)} (median {statistics.median(values):.2f}×)")
+
+    step = ratio("ours", "ours-shared", "ms_median")
+    if step is not None:
+        lines.append(f"ours-shared step time vs ours: {fmt(step)} faster on the medians (target ≥ 1.5×: {verdict(step >= 1.5)})"
+                     f"{per_round('ours', 'ours-shared')}; LM tokens per step {by['ours']['lm_tokens']} → "
+                     f"{by['ours-shared']['lm_tokens']} ({by['ours']['lm_tokens'] / by['ours-shared']['lm_tokens']:.2f}× fewer)")
+    mem = ratio("ours-shared", "ours", "peak_mem_bytes")
+    if mem is not None:
+        lines.append(f"ours-shared peak extra memory vs ours: {fmt(mem)} (target ≤ 0.8×: {verdict(mem <= 0.8)})")
+    ref = ratio("ref-pass", "ref-pass-shared", "ms_median")
+    if ref is not None:
+        lines.append(f"cached reference pass shared vs unshared: {fmt(ref)} faster on the medians (target ≥ 1.4×: "
+                     f"{verdict(ref >= 1.4)}){per_round('ref-pass', 'ref-pass-shared')}; LM tokens "
+                     f"{by['ref-pass']['lm_tokens']} → {by['ref-pass-shared']['lm_tokens']}")
+    rate = mm_rate.get("flops_per_s_median")
+    if rate:
+        lines.append(f"bare torch.mm at the model's shapes ({mm_rate['gemm_shapes']}): {rate / 1e9:.1f} GFLOP/s median "
+                     f"({mm_rate['flops_per_s_min'] / 1e9:.1f}–{mm_rate['flops_per_s_max'] / 1e9:.1f} over the rounds)")
+        for name, row in by.items():
+            if row.get("fraction_of_mm") is not None:
+                target = f" (target ≥ 50 %: {verdict(row['fraction_of_mm'] >= 0.5)})" if name == "ours-shared" else ""
+                lines.append(f"{name}: {row['model_flops'] / 1e12:.2f} TFLOP per step / {row['ms_median'] / 1e3:.2f} s = "
+                             f"{row['flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * row['fraction_of_mm']:.0f} % of bare torch.mm{target}")
+    return lines
+
+
+def interleaved_table(rows: list[dict]) -> str:
+    gib = lambda b: "—" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+    header = ["provider", "LM forwards (rows × L, grad)", "LM tokens/step", "median s", "p20–p80 s", "min–max s",
+              "peak extra GiB", "model TFLOP/step", "% of torch.mm"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if "ms_median" not in r:
+            lines.append(f"| {r['provider']} | {r.get('error')} |" + " |" * (len(header) - 2))
+            continue
+        forwards = " + ".join(f"{f['rows']}×{f['L']}{'' if f['grad'] else ' (no grad)'}" for f in r.get("forwards", []))
+        lines.append("| " + " | ".join([
+            r["provider"], forwards, str(r.get("lm_tokens", "—")), f"{r['ms_median'] / 1e3:.2f}",
+            f"{r['ms_p20'] / 1e3:.2f}–{r['ms_p80'] / 1e3:.2f}", f"{r['ms_min'] / 1e3:.2f}–{r['ms_max'] / 1e3:.2f}",
+            gib(r.get("peak_mem_bytes")), f"{r['model_flops'] / 1e12:.2f}" if r.get("model_flops") else "—",
+            f"{100 * r['fraction_of_mm']:.0f} %" if r.get("fraction_of_mm") else "—",
+        ]) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> list[dict]:
     parser = H.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), default_modes=("step",))
@@ -415,7 +680,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--vision-layers", type=int, default=None, help="CLIP encoder layers (CLIP-L: 24)")
     parser.add_argument("--pairs", type=int, default=None, help="preference pairs B per step (3B policy rows)")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="text prompt tokens per row, BOS included (besides the image tokens)")
-    parser.add_argument("--response-tokens", type=int, default=None, help="response tokens per row (the supervised ones)")
+    parser.add_argument("--response-tokens", type=int, default=None, help="response tokens per row (the supervised ones); |y_w|")
+    parser.add_argument("--rejected-tokens", type=int, default=None, help="|y_l| (default: --response-tokens); shorter rows are right-padded")
     parser.add_argument("--image-size", type=int, default=None, help="image side in pixels, a multiple of 14 (336 → 576 image tokens)")
     finetune = parser.add_mutually_exclusive_group()
     finetune.add_argument("--lora", dest="finetune", action="store_const", const="lora", help="LoRA on the language model (default)")
@@ -424,6 +690,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--lora-alpha", type=int, default=128)
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every decoder layer")
     parser.add_argument("--budget-s", type=float, default=None, help="timing budget per provider (reps = budget / one step, ≥ 3; 2 with --quick)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="time the providers interleaved over ROUNDS rounds (plus a warm-up call each) and report "
+                             "LM tokens, model FLOPs and the fraction of the bare torch.mm rate; results as train_step-<tag>")
+    parser.add_argument("--tag", default=None, help="results file tag (default: the device, -quick/-full/-ckpt)")
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -435,13 +705,17 @@ def main(argv=None) -> list[dict]:
     flags = {k: getattr(args, k) for k in defaults}
     shape = {**LLAVA_15_7B, **{k: (v if v is not None else defaults[k]) for k, v in flags.items()},
              "finetune": args.finetune or "lora", "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "grad_ckpt": args.grad_ckpt}
+    if args.rejected_tokens is not None:
+        if args.rejected_tokens < 1:
+            raise SystemExit(f"--rejected-tokens must be ≥ 1, got {args.rejected_tokens}")
+        shape["rejected_tokens"] = args.rejected_tokens
     for key in ("text_layers", "vision_layers", "pairs", "prompt_tokens", "response_tokens", "lora_r"):
         if shape[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be ≥ 1, got {shape[key]}")
     if shape["image_size"] < shape["patch"] or shape["image_size"] % shape["patch"]:
         raise SystemExit(f"--image-size must be a positive multiple of the patch size {shape['patch']}, got {shape['image_size']}")
     providers = args.providers.split(",") if args.providers else (
-        ALL_PROVIDERS if dev_type == "cuda" else ["ours", "paper", "trl-dpo"])
+        ["ours", "ours-shared", "ours-live", "paper", "trl-dpo"] if dev_type == "cuda" else ["ours", "ours-shared", "paper", "trl-dpo"])
     unknown = sorted(set(providers) - set(ALL_PROVIDERS))
     if unknown:
         raise SystemExit(f"--providers: unknown {unknown}; known: {ALL_PROVIDERS}")
@@ -463,7 +737,7 @@ def main(argv=None) -> list[dict]:
         f"({n_img} image tokens); {total_params / 1e9:.2f} B parameters, {trainable_params / 1e6:.1f} M trainable ({tuning}); "
         f"{dtype}; gradient checkpointing {'on' if shape['grad_ckpt'] else 'off'}",
         f"batch: {shape['pairs']} pair(s) → rows of T = {T} tokens ({n_img} image + {shape['prompt_tokens']} prompt incl. BOS + "
-        f"{shape['response_tokens']} response, only the response supervised); policy rows: 3B = {3 * shape['pairs']} "
+        f"{shape['response_tokens']} response y_w, {rejected_tokens(shape)} y_l, only the responses supervised); policy rows: 3B = {3 * shape['pairs']} "
         f"(ours, ours-live, paper), 2B = {2 * shape['pairs']} (trl-dpo)",
         f"ours: {scorer_source}; fused LM head's log-softmax through impl '{dispatch.resolve_impl(torch.device(device))}'",
         "step = forward(s) + loss + backward + clip_grad_norm_(1.0) + AdamW step; reference cache (ours) built in setup",
@@ -480,7 +754,32 @@ def main(argv=None) -> list[dict]:
                                f"T{seq_len(s)} {'lora' + str(s['lora_r']) if s['finetune'] == 'lora' else 'full'}"
                                f"{' ckpt' if s['grad_ckpt'] else ''}"),
     )
-    tag = dev_type + ("-quick" if args.quick else "") + ("-full" if shape["finetune"] == "full" else "") + ("-ckpt" if shape["grad_ckpt"] else "")
+    tag = args.tag or (dev_type + ("-quick" if args.quick else "") + ("-full" if shape["finetune"] == "full" else "")
+                       + ("-ckpt" if shape["grad_ckpt"] else ""))
+    if args.interleave:
+        notes.append(f"timing: providers interleaved over {args.interleave} rounds (rotated order) after one warm-up call "
+                     "each; median, 20/80 % and min–max; the bare torch.mm probe once per round")
+        rows, mm_rate = run_interleaved(spec, shape, args.interleave, measure_memory=not args.no_memory)
+        annotate(rows, dev_type)
+        targets = shared_report(rows, mm_rate)
+        paths = H.write_reports(rows, "train_step", tag, notes=notes + ["target: " + t for t in targets],
+                                results_dir=args.results_dir)
+        with open(paths["md"], "a") as md:
+            md.write("\n## Interleaved\n\n" + interleaved_table(rows) + "\n")
+        with open(paths["json"]) as f:
+            payload = json.load(f)
+        if isinstance(payload, dict):
+            payload["mm_rate"] = mm_rate
+            with open(paths["json"], "w") as f:
+                json.dump(payload, f, indent=1, default=str)
+        _MODEL_CACHE.clear()
+        print()
+        print(interleaved_table(rows))
+        print()
+        for line in targets:
+            print("target:", line)
+        print("wrote", ", ".join(paths.values()))
+        return rows
     rows: list[dict] = []
     paths: dict = {}
     for provider in providers:  # one provider at a time, reports rewritten after each: a killed run keeps its rows
