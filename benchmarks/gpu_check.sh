@@ -165,8 +165,9 @@ run_step train_step 75 core \
     "$PY -m benchmarks.train_step --device cuda --dtype bfloat16 --budget-s 2 --results-dir $OUT/train_step"
 # Extras, while time is left: the README's main job on the GPU (bf16, the trainer's CUDA path that the
 # fp32 tests do not take), the other vocabulary, checkpointed activations, the other VLM shape.
-run_step main_job 45 extra \
-    "$PY -m mdpo.data.cli make-sample $OUT/main_job/sample_data && $PY -m mdpo.train configs/tiny-cpu.yaml data.path=$OUT/main_job/sample_data/data.json data.eval_path=$OUT/main_job/sample_data/eval.json output_dir=$OUT/main_job/run progress_bar=false"
+MJ=$OUT/main_job; SC=$MJ/sample_data/scenes
+run_step main_job 120 extra \
+    "$PY -m mdpo.data.cli make-sample $MJ/sample_data --scenes && $PY -m mdpo.train configs/tiny-cpu-sft.yaml data.path=$SC/sft.json model.path=$SC/model output_dir=$MJ/sft progress_bar=false && $PY -m mdpo.train configs/tiny-cpu.yaml data.path=$SC/pairs.json data.eval_path=$SC/eval.json model.path=$MJ/sft/final output_dir=$MJ/run progress_bar=false"
 run_step logprobs_v151936 40 extra \
     "$PY -m benchmarks.logprobs --device cuda --dtype bfloat16 --quick --shapes 16384x151936 --modes full --providers $LOGPROBS_PROVIDERS --results-dir $OUT/logprobs_v151936"
 run_step train_step_ckpt 60 extra \

@@ -22,11 +22,16 @@ class ConfigError(MdpoError, ValueError):
 
 @dataclass
 class DataConfig:
-    path: str = "sample_data/data.json"  # JSON list or JSONL of preference records
+    path: str = "sample_data/data.json"  # JSON list or JSONL of preference records, or a Hugging Face datasets folder (save_to_disk) or .parquet file
     eval_path: str | None = None  # held-out records (same format, same image_root) scored during training
     image_root: str | None = None  # image paths are relative to this (default: the dataset's folder)
     on_bad_record: str = "error"  # error | skip (skipped records are counted and listed)
     max_length: int = 2048  # tokens per row, image tokens included; the prompt text is cut first
+    truncate_response: bool = False  # true: a response that does not fit is cut at its end (no EOS then), like TRL; false: such a record is bad
+    prompt_template: str = "model"  # model: paper-shape (LLaVA-templated) prompts re-rendered with the model's own chat template | verbatim: used as written
+    system_prompt: str | None = None  # system message for records that have none (null: the chat template's own default, if any)
+    max_pixels: int | None = None  # Qwen2-VL / Qwen2.5-VL: most pixels per image (fewer image tokens); null: the processor's setting
+    min_pixels: int | None = None  # Qwen2-VL / Qwen2.5-VL: fewest pixels per image; null: the processor's setting
     corruption: str = "crop"  # crop | random_image | moco_v2 | none
     crop_area: tuple[float, float] = (0.01, 0.2)  # fraction of the image a crop keeps (paper: 1–20 %)
     same_corruption_every_epoch: bool = False  # True: one corrupted image per record for the whole run
@@ -39,22 +44,24 @@ class ModelConfig:
     preset: str | None = None  # tiny-llava | tiny-qwen2-vl | ... (random weights, for demos and tests)
     path: str | None = None  # local folder with a Hugging Face model and processor (offline)
     family: str | None = None  # llava | qwen2-vl | qwen2.5-vl | idefics3 | paligemma (default: detected)
-    finetune: str = "lora"  # lora | full (full fine-tuning of the language model)
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.05
+    finetune: str = "lora"  # lora | full (full fine-tuning of the language model) | all (every weight, vision tower and projector too: training from scratch)
+    lora_r: int = 64  # LoRA rank r of every adapted layer
+    lora_alpha: int = 128  # LoRA scale α (the update is α/r · B·A)
+    lora_dropout: float = 0.05  # dropout on the LoRA input during training
+    lora_target_modules: list[str] | None = None  # null: every linear layer of the language model; else module-name suffixes, e.g. [q_proj, v_proj]
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward: less activation memory, one more forward per step
     attn_implementation: str = "auto"  # auto: flash_attention_2 when flash-attn imports on CUDA, else sdpa
+    shared_prefix: str | bool = "auto"  # auto | on | off: chosen and rejected rows share one forward of their image + prompt (auto: where the family and attention support it; results do not depend on it)
 
 
 @dataclass
 class LossConfig:
-    beta: float = 0.1
+    beta: float = 0.1  # β: scale of the log-ratio rewards in every preference term
     delta: float = 0.0  # anchor value δ
     dpo_weight: float | None = None  # None: the objective's own weight (mdpo: 1, 1, 1)
-    conditional_weight: float | None = None
-    anchor_weight: float | None = None
+    conditional_weight: float | None = None  # weight of the image-conditional term (None: the objective's own)
+    anchor_weight: float | None = None  # weight of the anchor term (None: the objective's own)
     rejected_anchor: float | None = None  # δ_r of the extra anchor on the rejected response (Table 4)
     corrupted_anchor: float | None = None  # δ_k of the extra anchor on the corrupted image (Table 4)
     average_logprobs: bool = False  # length-normalised log-probs (not the paper's choice)
@@ -68,25 +75,28 @@ class ReferenceConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "mdpo"  # mdpo | dpo | dpo_no_image | mdpo_no_conditional | mdpo_no_anchor
-    output_dir: str = "outputs/mdpo"
-    seed: int = 42
-    epochs: int = 3
+    objective: str = "mdpo"  # mdpo | dpo | dpo_no_image | mdpo_no_conditional | mdpo_no_anchor | sft (chosen answers only, no reference)
+    output_dir: str = "outputs/mdpo"  # metrics, checkpoints, plots and final weights are written here
+    seed: int = 42  # model initialisation (presets), record order and LoRA dropout
+    epochs: int = 3  # passes over the training records
     max_steps: int = -1  # optimizer steps; -1: run all epochs
     micro_batch_size: int = 1  # pairs per forward (each pair is 3 rows)
     effective_batch_size: int = 32  # pairs per optimizer step, over gradient accumulation and processes
-    lr: float = 1e-5
+    lr: float = 1e-5  # peak learning rate of AdamW
     warmup_ratio: float = 0.1  # cosine schedule with linear warm-up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm before each step
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at each epoch's end)
+    save_total_limit: int = 0  # keep only the newest N complete checkpoints (0: keep all; the one resumed from is never deleted)
     eval_every: int = 0  # with data.eval_path: evaluate every N optimizer steps (always before step 1 and after the last)
+    eval_generate_every: int = 0  # with data.eval_path: at evaluations whose step is a multiple of N (and the first and last), also generate answers for 16 held-out questions and log CHAIR_i, CHAIR_s, recall and length (0: never; one process only)
     save_merged: bool = False  # also save LoRA-merged full weights at the end
-    resume_from: str | None = None  # a checkpoint folder written by a previous run
+    resume_from: str | None = None  # a checkpoint folder written by a previous run, or latest: the newest complete one in output_dir (none yet: start at step 0)
     kernel_impl: str | None = None  # force triton | native | torch | reference for the log-prob ops
-    tensorboard: bool = True
-    plots: bool = True
-    progress_bar: bool = True
+    report_to: str = "tensorboard"  # tensorboard | wandb | none: where metric rows go besides metrics.jsonl (wandb only when installed)
+    tensorboard: bool | None = None  # deprecated, use report_to (true: tensorboard, false: none)
+    plots: bool = True  # PNG curves of losses, rewards, margins and accuracies under output_dir/plots
+    progress_bar: bool = True  # a tqdm bar with the loss and accuracy of each step
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -96,6 +106,8 @@ class TrainConfig:
 def _type_name(tp) -> str:
     if tp is type(None):
         return "null"
+    if typing.get_origin(tp) is not None:  # list[str], tuple[float, float]
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -137,6 +149,11 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -207,24 +224,54 @@ def validate(config: TrainConfig) -> None:
         "objective": (config.objective, sorted(OBJECTIVES)),
         "data.on_bad_record": (config.data.on_bad_record, ["error", "skip"]),
         "data.corruption": (config.data.corruption, ["crop", "random_image", "moco_v2", "none"]),
-        "model.finetune": (config.model.finetune, ["lora", "full"]),
+        "data.prompt_template": (config.data.prompt_template, ["model", "verbatim"]),
+        "model.finetune": (config.model.finetune, ["lora", "full", "all"]),
         "model.dtype": (config.model.dtype, ["auto", "float32", "bfloat16", "float16"]),
         "reference.mode": (config.reference.mode, ["cached", "live"]),
+        "report_to": (config.report_to, ["tensorboard", "wandb", "none"]),
     }
+    if isinstance(config.model.shared_prefix, bool):  # YAML 1.1 reads a bare on / off as true / false
+        config.model.shared_prefix = "on" if config.model.shared_prefix else "off"
+    choices["model.shared_prefix"] = (config.model.shared_prefix, ["auto", "on", "off"])
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     if (config.model.preset is None) == (config.model.path is None):
         raise ConfigError("set exactly one of model.preset and model.path")
+    if config.model.preset is not None:
+        from .models.presets import PRESETS
+
+        if config.model.preset not in PRESETS:
+            raise ConfigError(f"model.preset={config.model.preset!r} is not one of {list(PRESETS)} "
+                              "(a real model is model.path: a local save_pretrained folder)")
+    if config.tensorboard is not None:  # the old key: kept working, mapped onto report_to
+        if config.tensorboard and config.report_to != "tensorboard":
+            raise ConfigError(f"tensorboard=true contradicts report_to={config.report_to!r}; tensorboard is a deprecated "
+                              "alias: set only report_to (tensorboard | wandb | none)")
+        if not config.tensorboard and config.report_to == "tensorboard":
+            config.report_to = "none"
+        config.tensorboard = None
     for key in ("micro_batch_size", "effective_batch_size", "epochs"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {getattr(config, key)}")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be ≥ 0, got {config.data.num_workers}")
+    for key in ("max_pixels", "min_pixels"):
+        value = getattr(config.data, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be ≥ 1 (pixels per image) or null, got {value}")
+    if None not in (config.data.max_pixels, config.data.min_pixels) and config.data.min_pixels > config.data.max_pixels:
+        raise ConfigError(f"data.min_pixels={config.data.min_pixels} is larger than data.max_pixels={config.data.max_pixels}")
+    if config.save_total_limit < 0:
+        raise ConfigError(f"save_total_limit must be ≥ 0 (0: keep every checkpoint), got {config.save_total_limit}")
     if config.eval_every < 0:
         raise ConfigError(f"eval_every must be ≥ 0, got {config.eval_every}")
     if config.eval_every and config.data.eval_path is None:
         raise ConfigError(f"eval_every={config.eval_every} needs data.eval_path (a file of held-out records)")
+    if config.eval_generate_every < 0:
+        raise ConfigError(f"eval_generate_every must be ≥ 0, got {config.eval_generate_every}")
+    if config.eval_generate_every and config.data.eval_path is None:
+        raise ConfigError(f"eval_generate_every={config.eval_generate_every} needs data.eval_path (held-out records with objects)")
     if config.effective_batch_size % config.micro_batch_size:
         raise ConfigError(
             f"effective_batch_size={config.effective_batch_size} must be a multiple of micro_batch_size={config.micro_batch_size}"
@@ -247,3 +294,72 @@ def config_to_yaml(config: TrainConfig) -> str:
         return list(value) if isinstance(value, tuple) else value
 
     return yaml.safe_dump(plain(to_dict(config)), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------- help
+def _comments_by_line(source: str) -> dict[int, str]:
+    import io
+    import tokenize
+
+    return {tok.start[0]: tok.string.lstrip("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+
+
+def config_keys(cls=None, prefix: str = "") -> list[dict]:
+    """Every config key in declaration order: {'key', 'type', 'default', 'help'}, read from this file.
+
+    'type' is the annotation as written, 'help' the comment at the end of the field's line (the
+    dataclass comments are the documentation; a key without one has help ''), 'default' the value.
+    """
+    import ast
+    import inspect
+    import sys
+
+    cls = TrainConfig if cls is None else cls
+    source = inspect.getsource(sys.modules[__name__])
+    comments = _comments_by_line(source)
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    lines = {node.target.id: (node.lineno, ast.get_source_segment(source, node.annotation))
+             for node in classes[cls.__name__].body if isinstance(node, ast.AnnAssign)}
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(config_keys(hints[f.name], prefix=f"{prefix}{f.name}."))
+            continue
+        lineno, annotation = lines[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        keys.append({"key": prefix + f.name, "type": annotation, "default": default, "help": comments.get(lineno, "")})
+    return keys
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def config_help(config: TrainConfig | None = None) -> str:
+    """The text of `mdpo-train --help`'s key list: key, type, default and meaning of every key, by section.
+
+    With `config` (`mdpo-train CONFIG --help`), a key whose value there differs from the default also
+    shows that value.
+    """
+    current = to_dict(config) if config is not None else None
+    out, section = [], None
+    for entry in config_keys():
+        key = entry["key"]
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            out.append(f"\n{head}:" if head else "\ntop-level keys:")
+        line = f"  {key}  ({entry['type']}, default {_show(entry['default'])})"
+        if current is not None:
+            value = current
+            for part in key.split("."):
+                value = value[part]
+            if _show(value) != _show(entry["default"]):
+                line += f"  [this config: {_show(value)}]"
+        out.append(line)
+        out.append(f"      {entry['help'] or '(no description)'}")
+    return "\n".join(out).lstrip("\n")

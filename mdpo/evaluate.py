@@ -81,9 +81,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     settings (its config.json), the checkpoint's trained parameters, the reference live (adapters
     disabled; for full fine-tuning the initial weights). -> {"checkpoint", "step", "data", metrics...}."""
     from .config import ConfigError, load_config
-    from .checkpoints import load_trainable
-    from .components import build_model, make_collator, make_corruption, make_criterion
-    from .data import load_records
+    from .checkpoints import load_trainable, read_position
+    from .components import build_model, load_processor, make_collator, make_corruption, make_criterion, read_records
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
@@ -93,34 +92,46 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     data_path = data_path or cfg.data.eval_path
     if data_path is None:
         raise ConfigError(f"checkpoint={checkpoint}: its run had no data.eval_path; name the records with --data")
-    if not Path(data_path).is_file():
+    if not Path(data_path).exists():
         raise ConfigError(f"{source} {data_path}: no such file of held-out records (relative paths start in this folder)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded, _ = build_model(cfg, device)
+    prepared = load_processor(cfg)  # the records are read and checked with the run's settings before any weight loads
+    records = read_records(cfg, data_path, prepared, what=source).records
+    loaded, _ = build_model(cfg, device, prepared)
     reference_model = None
-    if cfg.model.finetune == "full":  # the reference is the initial model: keep a copy before loading
+    if cfg.model.finetune in ("full", "all"):  # the reference is the initial model: keep a copy before loading
         reference_model = copy.deepcopy(loaded.model).eval().requires_grad_(False).to(device)
     load_trainable(loaded.model, checkpoint, "checkpoint")
     loaded.model.to(device)
-    records = load_records(data_path, image_root=cfg.data.image_root, on_bad_record=cfg.data.on_bad_record,
-                           processor=loaded.processor, max_length=cfg.data.max_length).records
     corruption = make_corruption(cfg)
-    scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl)
+    scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl,
+                            shared_prefix=cfg.model.shared_prefix)
     metrics = evaluate(scorer, make_criterion(cfg), records, make_collator(cfg, loaded, corruption, records),
                        micro_batch_size=cfg.micro_batch_size, device=device, reference_model=reference_model)
-    # mmap: only the position is read, not the optimizer state (two copies of the weights for full fine-tuning)
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False, mmap=True)
-    return {"checkpoint": str(checkpoint), "step": state["position"]["global_step"], "data": str(data_path), **metrics}
+    # mmap: only the position is read, not the optimizer state (two copies of the weights for full fine-tuning);
+    # weights_only=True: a shared checkpoint cannot run code
+    position = read_position(checkpoint)
+    return {"checkpoint": str(checkpoint), "step": position["global_step"], "data": str(data_path), **metrics}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mdpo-eval [preference] CHECKPOINT ...` (this function) or `mdpo-eval hallucination ...`
+    (`mdpo.eval.hallucination.main`): the first argument picks the subcommand, preference by default."""
     import argparse
 
-    from .config import ConfigError
-    from .reference_cache import StaleCacheError
+    from .errors import MdpoError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "hallucination":
+        from .eval.hallucination import main as hallucination_main
+
+        return hallucination_main(argv[1:])
+    if argv and argv[0] == "preference":
+        argv = argv[1:]
     parser = argparse.ArgumentParser(
-        prog="mdpo-eval", description="Score an mdpo-train checkpoint on held-out preference pairs (loss terms, rewards, accuracies).",
+        prog="mdpo-eval [preference]",
+        description="Score an mdpo-train checkpoint on held-out preference pairs (loss terms, rewards, accuracies). "
+                    "`mdpo-eval hallucination --help`: generate answers and score object hallucination (CHAIR).",
         epilog="e.g. mdpo-eval outputs/tiny-cpu/checkpoints/step-000100 --data sample_data/eval.json")
     parser.add_argument("checkpoint", help="a folder under <output_dir>/checkpoints/")
     parser.add_argument("--data", help="held-out records (default: the run's data.eval_path)")
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.overrides)
-    except (ConfigError, StaleCacheError, ValueError) as exc:
+    except (MdpoError, ValueError) as exc:
         print(f"mdpo-eval: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or Path(args.checkpoint) / f"eval-{Path(result['data']).stem}.json")

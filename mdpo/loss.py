@@ -11,6 +11,10 @@ reference sequence log-probs π, ρ and implicit rewards r_x = β·(π_x − ρ_
 
 Optional extra anchors (paper, Table 4): −log σ(δ_r − r_r) on the rejected response and
 −log σ(δ_k − r_k) on the corrupted image, each added with weight 1 when its δ is given.
+
+`sft` is supervised fine-tuning on the chosen responses (rows [chosen], B): no reference, and
+L_SFT = mean_i −(1/|y_i|) Σ_t log π(y_i,t | m, x, y_i,<t), the per-row mean token NLL averaged over
+rows (the trainer asks the scorer for length-averaged log-probs for it).
 """
 from __future__ import annotations
 
@@ -28,10 +32,17 @@ class Objective:
     conditional: float
     anchor: float
     has_corrupted: bool
+    sft: bool = False  # supervised fine-tuning on the chosen rows only: no rejected row, no reference
 
     @property
     def branches(self) -> tuple[str, ...]:
+        if self.sft:
+            return ("chosen",)
         return ("chosen", "rejected", "corrupted") if self.has_corrupted else ("chosen", "rejected")
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.sft
 
 
 # `dpo_no_image` is plain DPO on text-only rows (the images are removed by the data collator).
@@ -41,6 +52,7 @@ OBJECTIVES: dict[str, Objective] = {
     "dpo_no_image": Objective(1.0, 0.0, 0.0, has_corrupted=False),
     "mdpo_no_conditional": Objective(1.0, 0.0, 1.0, has_corrupted=False),
     "mdpo_no_anchor": Objective(1.0, 1.0, 0.0, has_corrupted=True),
+    "sft": Objective(0.0, 0.0, 0.0, has_corrupted=False, sft=True),
 }
 
 
@@ -48,6 +60,19 @@ def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"objective={name!r} is not one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]
+
+
+def sft_loss(policy_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SFT loss from the chosen rows' length-averaged log-probs (B,): the mean token NLL, averaged over rows.
+
+    returns: the scalar loss and detached 0-dim metrics (`loss/total`, `loss/sft`, `logps/chosen`).
+    """
+    if policy_logps.dim() != 1 or policy_logps.shape[0] == 0:
+        raise ValueError(f"policy_logps must be 1-D with one entry per chosen row; got shape {tuple(policy_logps.shape)}")
+    logps = policy_logps.float()
+    loss = -logps.mean()
+    metrics = {"loss/total": loss, "loss/sft": loss, "logps/chosen": logps.mean()}
+    return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 def _split_branches(values: torch.Tensor, n_branches: int, name: str) -> list[torch.Tensor]:
@@ -74,11 +99,13 @@ def mdpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """mDPO loss from per-sequence log-probs.
 
-    policy_logps, ref_logps: (3B,) for objectives with a corrupted branch, else (2B,).
+    policy_logps, ref_logps: (3B,) for objectives with a corrupted branch, (B,) for sft (ref_logps ignored), else (2B,).
     weights: (w_dpo, w_copo, w_anc); defaults to the objective's own (mdpo: 1, 1, 1).
     returns: the scalar loss and detached 0-dim metric tensors (no host sync).
     """
     spec = get_objective(objective)
+    if spec.sft:  # no reference: ref_logps is ignored (may be None)
+        return sft_loss(policy_logps)
     w_dpo, w_copo, w_anc = weights if weights is not None else (spec.dpo, spec.conditional, spec.anchor)
     if corrupted_anchor is not None and not spec.has_corrupted:
         raise ValueError(f"corrupted_anchor needs the corrupted branch, which objective={objective!r} does not compute")

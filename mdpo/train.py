@@ -10,7 +10,6 @@ logits are built; the reference log-probs come from a cache computed once before
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -20,10 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import load_checkpoint, save_checkpoint
-from .components import build_model, make_collator, make_corruption, make_criterion, seed_everything
+from .checkpoints import checkpoints_dir, load_checkpoint, resolve_resume, save_checkpoint
+from .components import (build_model, check_report_to, load_processor, make_collator, make_corruption, make_criterion,
+                         make_metrics_writer, out_of_memory_message, read_records, seed_everything)
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
+from .errors import MdpoError, TrainingOutOfMemoryError
 from .loss import get_objective
+from .optim import make_optimizer
 from .reference_cache import StaleCacheError
 from .reference_pass import prepare_reference_cache, reference_cache_paths, run_fingerprint
 from .scoring import SequenceScorer, move_batch, reference_logps
@@ -41,6 +43,19 @@ def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
     """The order of records in an epoch: a permutation that depends only on (seed, epoch)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n_records, generator=gen).tolist()
+
+
+def reached_entries(n_records: int, seed: int, steps_per_epoch: int, total_steps: int, per_step: int,
+                    n_corruption_epochs: int) -> dict[int, list[int]]:
+    """{corruption epoch: sorted record indices} a run of `total_steps` optimizer steps trains on:
+    the first steps·per_step records of each epoch's `epoch_order` (what `micro_batches` hands out,
+    over all processes). With one corruption epoch every epoch's records fall under epoch 0."""
+    reached: dict[int, set[int]] = {}
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        used = epoch_order(n_records, seed, epoch)[: steps * per_step]
+        reached.setdefault(0 if n_corruption_epochs == 1 else epoch, set()).update(used)
+    return {e: sorted(idx) for e, idx in sorted(reached.items())}
 
 
 def micro_batches(order: list[int], micro: int, rank: int, world: int, steps: int, accum: int) -> list[list[int]]:
@@ -88,12 +103,9 @@ def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelera
     Read like the training records (same image_root, bad-record policy and max_length). Ids shared
     with the training records are reported: those pairs are not held out.
     """
-    from .data import load_records
-
     if cfg.data.eval_path is None:
         return [], None
-    result = load_records(cfg.data.eval_path, image_root=cfg.data.image_root, on_bad_record=cfg.data.on_bad_record,
-                          processor=loaded.processor, max_length=cfg.data.max_length)
+    result = read_records(cfg, cfg.data.eval_path, loaded, what="data.eval_path")
     for index, sample_id, reason in result.skipped:
         accelerator.print(f"skipped held-out record {index} (id {sample_id}): {reason}")
     records = result.records
@@ -106,6 +118,13 @@ def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelera
 
 
 # ------------------------------------------------------------------------------------- reporting
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the metrics rows after `step` from a JSON-lines file (a resumed run logs them again)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+
+
 def write_row(file, writer, row: dict, tag_prefix: str = "") -> None:
     """One metrics row: a JSON line in `file` and its numbers in TensorBoard (main process: file is set)."""
     if file is None:
@@ -134,6 +153,8 @@ def save_plots(metrics_path: Path, out_dir: Path, eval_metrics_path: Path | None
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, keys in PLOT_GROUPS.items():
+        if not any(key in r for r in rows for key in keys):  # e.g. sft has no rewards
+            continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -155,20 +176,31 @@ def save_plots(metrics_path: Path, out_dir: Path, eval_metrics_path: Path | None
 
 # ------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig) -> dict:
+    """Run one training from a config; returns the summary (also written to output_dir/summary.json).
+
+    An accelerator out-of-memory error anywhere in the run is raised as TrainingOutOfMemoryError,
+    whose message gives the run's micro_batch_size, data.max_length and gradient-checkpointing
+    settings and what to change.
+    """
+    try:
+        return _train(cfg)
+    except torch.OutOfMemoryError as exc:
+        raise TrainingOutOfMemoryError(out_of_memory_message(cfg, exc)) from exc
+
+
+def _train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
-
-    from .data import load_records
 
     # cpu=True on a machine without CUDA lets `accelerate launch` / torchrun run several CPU processes (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
-    if not Path(cfg.data.path).is_file():
+    if not Path(cfg.data.path).exists():  # a file, or a `datasets` save_to_disk folder
         raise ConfigError(f"data.path={cfg.data.path}: no such dataset file (make one with `mdpo-data make-sample DIR`)")
-    if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).is_file():
+    if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).exists():
         raise ConfigError(f"data.eval_path={cfg.data.eval_path}: no such file of held-out records "
                           "(`mdpo-data make-sample DIR` writes DIR/eval.json)")
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
@@ -177,45 +209,62 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
 
-    # --- model and data
-    loaded, reference_model = build_model(cfg, device)
-    loaded.model.to(device)
-    if reference_model is not None:
-        reference_model.to(device)
+    # --- processor and data first: the records are read and checked before any weight loads
+    check_report_to(cfg)
+    loaded = load_processor(cfg)  # processor + family adapter; model=None until build_model
     spec = get_objective(cfg.objective)
-    result = load_records(cfg.data.path, image_root=cfg.data.image_root, on_bad_record=cfg.data.on_bad_record,
-                          processor=loaded.processor, max_length=cfg.data.max_length)
+    result = read_records(cfg, cfg.data.path, loaded)
     records, skipped = result.records, result.skipped
     for index, sample_id, reason in skipped:
         accelerator.print(f"skipped record {index} (id {sample_id}): {reason}")
     corruption = make_corruption(cfg)
     collator = make_collator(cfg, loaded, corruption, records)
+    accelerator.print(collator.describe_prompts(records))
     eval_records, eval_collator = load_eval_records(cfg, loaded, corruption, world, accelerator, {r.sample_id for r in records})
 
     # --- schedule: effective batch = micro · accumulation · processes
     if cfg.effective_batch_size % (cfg.micro_batch_size * world):
         raise ConfigError(f"effective_batch_size={cfg.effective_batch_size} is not a multiple of micro_batch_size·processes = {cfg.micro_batch_size * world}")
     accum = cfg.effective_batch_size // (cfg.micro_batch_size * world)
+    # accelerator.accumulate() then skips the gradient sync (DDP) or the engine step (DeepSpeed) on all
+    # but every accum-th micro-batch, whatever the backend; set before prepare (DeepSpeed reads it there).
+    accelerator.gradient_accumulation_steps = accum
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None and deepspeed.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size  # no prepared DataLoader to read it from
     steps_per_epoch = len(records) // cfg.effective_batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(records)} records are fewer than one effective batch of {cfg.effective_batch_size} pairs")
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+
+    # --- model weights, once the data and the schedule are known to be usable
+    loaded, reference_model = build_model(cfg, device, loaded)
+    loaded.model.to(device)
+    if reference_model is not None:
+        reference_model.to(device)
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)  # fp32 master weights over bf16
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl)
+    # sft trains on the mean token NLL: the scorer returns length-averaged log-probs for it
+    scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs or spec.sft, impl=cfg.kernel_impl,
+                            shared_prefix=cfg.model.shared_prefix)
     # The scheduler stays out of accelerate: its wrapper steps a scheduler once per process per call,
     # for schedules counted in one process's batches, and total_steps already counts optimizer steps.
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    if accelerator.gradient_accumulation_steps != accum:  # a DeepSpeed config with a number of its own
+        raise ConfigError(f"the accelerate/DeepSpeed config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "
+                          f"but effective_batch_size / (micro_batch_size·processes) = {accum}: set it to auto (or {accum})")
     criterion = make_criterion(cfg)
 
     # --- reference log-probs
     n_corruption_epochs = 1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs
     cache = eval_cache = None
-    if cfg.reference.mode == "cached":
+    if cfg.reference.mode == "cached" and spec.needs_reference:  # sft has no reference
         cache_path, eval_cache_path = reference_cache_paths(cfg)
         fingerprint = run_fingerprint(cfg, loaded, len(records), n_corruption_epochs)
-        cache = prepare_reference_cache(cache_path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model)
+        needed = reached_entries(len(records), cfg.seed, steps_per_epoch, total_steps, cfg.effective_batch_size, n_corruption_epochs)
+        cache = prepare_reference_cache(cache_path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs,
+                                        reference_model, needed=needed)
         if eval_records:  # held-out pairs are always scored with epoch 0's corrupted image
             eval_fingerprint = run_fingerprint(cfg, loaded, len(eval_records), 1, data_path=cfg.data.eval_path,
                                                weights=fingerprint["model.weights"])
@@ -224,21 +273,25 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- resume
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    if cfg.resume_from:
-        position = load_checkpoint(Path(cfg.resume_from), accelerator, scorer, optimizer, scheduler)
-        accelerator.print(f"resumed from {cfg.resume_from} at step {position['global_step']}")
+    resume = resolve_resume(cfg.resume_from, out)
+    if resume is not None:
+        position = load_checkpoint(resume, accelerator, scorer, optimizer, scheduler, seed=cfg.seed)
+        accelerator.print(f"resumed from {resume} at step {position['global_step']}")
+        if accelerator.is_main_process:  # rows a killed run logged after this checkpoint are redone
+            for name in ("metrics.jsonl", "eval_metrics.jsonl"):
+                keep_rows_up_to(out / name, position["global_step"])
+    elif cfg.resume_from == "latest":
+        accelerator.print(f"resume_from=latest: no complete checkpoint in {checkpoints_dir(out)} yet; starting at step 0")
 
     # --- loop
     metrics_path = out / "metrics.jsonl"
     writer = None
-    if accelerator.is_main_process and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-    log_file = open(metrics_path, "a" if cfg.resume_from else "w") if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        writer = make_metrics_writer(cfg, out)  # report_to: TensorBoard, wandb or None
+    log_file = open(metrics_path, "a" if resume is not None else "w") if accelerator.is_main_process else None
     bar = tqdm(total=total_steps, initial=position["global_step"], desc="mDPO", disable=not (cfg.progress_bar and accelerator.is_main_process))
     eval_metrics_path, eval_history = out / "eval_metrics.jsonl", []
-    eval_file = open(eval_metrics_path, "a" if cfg.resume_from else "w") if (accelerator.is_main_process and eval_records) else None
+    eval_file = open(eval_metrics_path, "a" if resume is not None else "w") if (accelerator.is_main_process and eval_records) else None
 
     def run_evaluation(at_step: int) -> None:
         """Score the held-out pairs; one row in eval_metrics.jsonl (and TensorBoard under eval/)."""
@@ -248,13 +301,20 @@ def train(cfg: TrainConfig) -> dict:
                            micro_batch_size=cfg.micro_batch_size, device=device, reference=eval_cache,
                            reference_model=reference_model, rank=rank, world=world,
                            reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"))
+        if cfg.eval_generate_every and world == 1 and (at_step % cfg.eval_generate_every == 0 or at_step == total_steps):
+            from .eval.hallucination import training_generation_metrics  # CHAIR of greedy held-out answers
+
+            metrics.update(training_generation_metrics(cfg, loaded, accelerator.unwrap_model(scorer).model, device))
         row = {"step": at_step, **metrics}
         eval_history.append(row)
         write_row(eval_file, writer, row, tag_prefix="eval/")
-        line = (f"held-out @ step {at_step} ({metrics['pairs']} pairs): loss {metrics['loss/total']:.4f}, "
-                f"accuracy {metrics['rewards/accuracies']:.3f}")
+        line = f"held-out @ step {at_step} ({metrics['pairs']} pairs): loss {metrics['loss/total']:.4f}"
+        if "rewards/accuracies" in metrics:
+            line += f", accuracy {metrics['rewards/accuracies']:.3f}"
         if "rewards/conditional_accuracies" in metrics:
             line += f", conditional accuracy {metrics['rewards/conditional_accuracies']:.3f}"
+        if "generate/recall" in metrics:
+            line += f", generated: CHAIR_s {metrics['generate/chair_s']:.3f}, recall {metrics['generate/recall']:.3f}"
         if accelerator.is_main_process:
             bar.write(line)
 
@@ -278,12 +338,13 @@ def train(cfg: TrainConfig) -> dict:
                 batch = move_batch(next(stream), device)
                 if cache is not None:
                     ref = cache.lookup(batch["sample_ids"], corruption_epoch).to(device)
+                elif not spec.needs_reference:
+                    ref = None
                 else:
                     ref = reference_logps(accelerator.unwrap_model(scorer), batch, reference_model)
-                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(scorer)
-                with sync:
+                with accelerator.accumulate(scorer):  # gradients sync on the last micro-batch only
                     loss, metrics = criterion(policy_logps=scorer(batch), ref_logps=ref)
-                    accelerator.backward(loss / accum)
+                    accelerator.backward(loss)  # accelerate divides by gradient_accumulation_steps
                 step_metrics.append(metrics)
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
@@ -299,7 +360,7 @@ def train(cfg: TrainConfig) -> dict:
                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
             history.append(row)
             write_row(log_file, writer, row)
-            bar.set_postfix(loss=f"{row['loss/total']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            bar.set_postfix(loss=f"{row['loss/total']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
             bar.update(1)
             at_epoch_end = step_in_epoch + 1 == steps_per_epoch
             next_pos = {"epoch": epoch + 1, "step_in_epoch": 0} if at_epoch_end else {"epoch": epoch, "step_in_epoch": step_in_epoch + 1}
@@ -307,7 +368,7 @@ def train(cfg: TrainConfig) -> dict:
             if eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                 run_evaluation(step)
             if (cfg.save_every and step % cfg.save_every == 0) or at_epoch_end or step == total_steps:
-                save_checkpoint(out, accelerator, scorer, optimizer, scheduler, next_pos, cfg)
+                save_checkpoint(out, accelerator, scorer, optimizer, scheduler, next_pos, cfg, keep=resume)
     bar.close()
     for file in (log_file, eval_file):
         if file is not None:
@@ -371,23 +432,35 @@ def print_summary(summary: dict) -> None:
     print(f"  outputs: {summary['output_dir']} (metrics.jsonl{', eval_metrics.jsonl' if held_out else ''}, tensorboard/, plots/, final/)")
 
 
+USAGE = """usage: mdpo-train [CONFIG.yaml] [key=value ...] [--print-config] [--help]
+  e.g. mdpo-train configs/tiny-cpu.yaml max_steps=5
+  --print-config  print the effective configuration (every key, defaults filled in) as YAML and exit
+  --help          this text and every config key (with CONFIG: also the values that config sets)"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `mdpo-train` command. Any error of the library's own (MdpoError) prints one line and returns 2."""
+    from .config import config_help
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("usage: mdpo-train [CONFIG.yaml] [key=value ...] [--print-config]   e.g. mdpo-train configs/tiny-cpu.yaml max_steps=5\n"
-              "  --print-config  print the effective configuration (every key, defaults filled in) as YAML and exit")
-        return 0
+    want_help = any(a in ("-h", "--help") for a in argv)
     print_only = "--print-config" in argv
-    argv = [a for a in argv if a != "--print-config"]
+    argv = [a for a in argv if a not in ("--print-config", "-h", "--help")]
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
     try:
+        if want_help:
+            cfg = load_config(config_path, argv) if (config_path or argv) else None
+            print(__doc__)
+            print(USAGE)
+            print(f"\nconfig keys{f' (values set by {config_path} shown as [this config: …])' if cfg else ''}:\n")
+            print(config_help(cfg))
+            return 0
         cfg = load_config(config_path, argv)
         if print_only:
             print(config_to_yaml(cfg), end="")
             return 0
         train(cfg)
-    except (ConfigError, StaleCacheError) as exc:
+    except MdpoError as exc:
         print(f"mdpo-train: error: {exc}", file=sys.stderr)
         return 2
     return 0

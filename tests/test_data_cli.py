@@ -70,6 +70,30 @@ def test_make_sample_writes_a_held_out_set_that_leaves_the_training_set_as_it_wa
     assert load_records(tmp_path / "with" / "eval.json").num_read == 4
 
 
+def test_make_sample_scenes_writes_the_main_jobs_scene_set(tmp_path, capsys, monkeypatch):
+    from mdpo.data import sample, scenes
+
+    real = sample.make_scene_sample
+    monkeypatch.setattr(sample, "make_scene_sample", lambda out, seed: real(out, seed=seed, n_sft=6, n_pairs=4, n_eval=8))
+    assert main(["make-sample", str(tmp_path / "a"), "--n", "3", "--eval", "0", "--seed", "2", "--scenes"]) == 0
+    assert "co-occurrence scenes" in capsys.readouterr().out
+    folder = tmp_path / "a" / "scenes"
+    sft, pairs, held = (json.loads((folder / f"{n}.json").read_text()) for n in ("sft", "pairs", "eval"))
+    assert len(sft) == 6 and len(pairs) == 4 and len(held) == 8
+    assert sorted(r["kind"] for r in held) == ["balanced"] * 4 + ["cue_only"] * 2 + ["partner_only"] * 2
+    for r in sft + pairs + held:  # exact object lists; chosen faithful, rejected names one absent object
+        assert set(r["objects"]) <= set(scenes.CATEGORIES) and r["chosen"] == scenes.describe(r["objects"])
+        assert len(scenes.label_answer(r["rejected"], r["objects"])["hallucinated"]) == 1
+        assert Image.open(folder / r["image"]).size == (56, 56)
+    assert load_records(folder / "pairs.json").num_read == 4
+    assert (folder / "model" / "config.json").is_file()
+    assert (tmp_path / "a" / "data.json").is_file()  # the classic sample is still written
+    real(tmp_path / "b", seed=2, n_sft=6, n_pairs=4, n_eval=8)
+    assert (tmp_path / "b" / "scenes" / "eval.json").read_text() == (folder / "eval.json").read_text()
+    with pytest.raises(ValueError, match="positive"):
+        real(tmp_path / "c", n_sft=0)
+
+
 def test_check_passes_on_good_data(sample_dir, capsys):
     assert main(["check", str(sample_dir / "data.json")]) == 0
     out = capsys.readouterr().out

@@ -132,4 +132,4 @@ def test_bad_objective_and_anchor():
         MDPOLoss(objective="ipo")
     with pytest.raises(ValueError, match="corrupted_anchor"):
         mdpo_loss(torch.zeros(4), torch.zeros(4), objective="dpo", corrupted_anchor=0.0)
-    assert set(OBJECTIVES) == {"mdpo", "dpo", "dpo_no_image", "mdpo_no_conditional", "mdpo_no_anchor"}
+    assert set(OBJECTIVES) == {"mdpo", "dpo", "dpo_no_image", "mdpo_no_conditional", "mdpo_no_anchor", "sft"}

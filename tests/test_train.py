@@ -126,7 +126,7 @@ def test_resume_matches_an_uninterrupted_run(sample, tmp_path):
     full = tmp_path / "full"
     train(load_config(None, _overrides(sample, full, "max_steps=5", "save_every=2")))
     ckpt = full / "checkpoints" / "step-000002"
-    assert (ckpt / "adapter" / "adapter_config.json").exists()
+    assert (ckpt / "trainable.pt").is_file() and not (ckpt / "adapter").exists()  # the LoRA weights once (trainable.pt)
     resumed = tmp_path / "resumed"
     train(load_config(None, _overrides(sample, resumed, "max_steps=5", f"resume_from={ckpt}",
                                        f"reference.cache_path={full / 'reference_logps.pt'}")))
@@ -214,3 +214,41 @@ def test_collating_workers_change_nothing_in_the_run(sample, tmp_path):
         assert _losses(resumed) == pytest.approx(_losses(plain)[2:], rel=1e-5)
     else:
         assert _losses(resumed) == _losses(plain)[2:]
+
+
+def test_gradient_accumulation_goes_through_accelerate(sample, tmp_path, monkeypatch):
+    """accelerate (DDP, DeepSpeed, FSDP alike) learns of the accumulation: its `sync_gradients` — what
+    DeepSpeed's engine step and DDP's gradient sync follow — is on for the last micro-batch of each
+    optimizer step only (2 micro-batches per step here)."""
+    from accelerate import Accelerator
+
+    seen, backward = [], Accelerator.backward
+
+    def spy(self, loss, **kwargs):
+        seen.append((self.sync_gradients, self.gradient_accumulation_steps))
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", spy)
+    train(load_config(None, _overrides(sample, tmp_path / "accum", "max_steps=2")))
+    assert seen == [(False, 2), (True, 2)] * 2
+
+
+def test_resume_on_two_processes_from_a_one_process_checkpoint(sample, tmp_path):
+    """A checkpoint saved by 1 process resumed by 2 (accelerate launch, gloo): process 1 has no
+    rng-1.pt, gets RNG states derived from (seed, step, process) with a note, and the run continues
+    the 1-process run's schedule and losses (no dropout: the RNG does not enter the losses)."""
+    single = tmp_path / "single"
+    overrides = ["max_steps=4", "save_every=2", "model.lora_dropout=0"]
+    _train_on_cpu_processes(1, _overrides(sample, single, *overrides))  # on the CPU like the 2 processes
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train"]
+    resumed = tmp_path / "resumed"
+    proc = subprocess.run([*launch, *_overrides(sample, resumed, *overrides, f"resume_from={single / 'checkpoints' / 'step-000002'}",
+                                                f"reference.cache_path={single / 'reference_logps.pt'}")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved by 1 process(es), this run has 2" in proc.stdout + proc.stderr
+    assert _losses(resumed) == pytest.approx(_losses(single)[2:], rel=1e-5)
+    state = torch.load(resumed / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
+    assert state["processes"] == 2 and (resumed / "checkpoints" / "step-000004" / "rng-1.pt").is_file()

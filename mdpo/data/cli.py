@@ -3,7 +3,7 @@
     mdpo-data check DATASET [--image-root DIR] [--processor DIR] [--max-length N] [--prompt-template model|verbatim]
                     [--system-prompt TEXT] [--max-pixels N] [--min-pixels N] [--truncate-response]
     mdpo-data preview DATASET --out FILE.png [-n 8] [--strategy crop] [--area LOW HIGH] [--seed 0]
-    mdpo-data make-sample OUT_DIR [--n 200] [--eval 40] [--seed 0] [--image-size 64]
+    mdpo-data make-sample OUT_DIR [--n 200] [--eval 40] [--seed 0] [--image-size 64] [--scenes]
 
 Exit codes: 0 success; 1 `check` found bad records; 2 bad usage or a dataset that cannot be read.
 """
@@ -113,6 +113,12 @@ def _make_sample(args) -> int:
     path = make_sample(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size, n_eval=args.eval)
     held_out = f" and {path.parent / 'eval.json'} ({args.eval} held-out records)" if args.eval else ""
     print(f"wrote {path} ({args.n} records){held_out}, images in {path.parent / 'images'}")
+    if args.scenes:
+        from .sample import make_scene_sample
+
+        folder = make_scene_sample(args.out_dir, seed=args.seed)
+        print(f"wrote co-occurrence scenes in {folder}: sft.json, pairs.json, eval.json (balanced + trap scenes), "
+              f"model/ (a random LLaVA-shaped model for configs/tiny-cpu-sft.yaml)")
     return 0
 
 
@@ -153,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--eval", type=int, default=40, help="held-out records written to eval.json (0: none)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--image-size", type=int, default=64)
+    sample.add_argument("--scenes", action="store_true",
+                        help="also write OUT_DIR/scenes/: co-occurrence scenes and a small model for the main job (mdpo.data.scenes)")
     sample.set_defaults(func=_make_sample)
     return parser
 

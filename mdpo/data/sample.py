@@ -12,6 +12,10 @@ Output: OUT_DIR/data.json (a JSON list of plain-shape records) and OUT_DIR/image
 n_eval > 0 a held-out OUT_DIR/eval.json (images/eval-NNNNN.png), drawn after the training records so
 that data.json does not depend on n_eval. The random generator is `random.Random(seed)`: the same
 seed writes the same files.
+
+`make_scene_sample` (`mdpo-data make-sample OUT_DIR --scenes`) also writes OUT_DIR/scenes/: the
+co-occurrence scenes of `mdpo.data.scenes` (a language prior to fall into) for the README's main job,
+with a small random LLaVA-shaped model to train on them (see that function).
 """
 from __future__ import annotations
 
@@ -169,3 +173,31 @@ def make_sample(out_dir: str | os.PathLike, n: int = 200, seed: int = 0, image_s
     if n_eval:
         _write_records(out / "eval.json", _make_records(rng, out, n_eval, image_size, prefix="eval-"))
     return path
+
+
+def make_scene_sample(out_dir: str | os.PathLike, seed: int = 0, n_sft: int = 2000, n_pairs: int = 600,
+                      n_eval: int = 200) -> Path:
+    """The main job's scene data in OUT_DIR/scenes/ (see `mdpo.data.scenes`); returns that folder.
+
+    - sft.json: n_sft co-occurrence scenes; chosen = the faithful answer (what `objective: sft` trains on);
+    - pairs.json: n_pairs other scenes as offline preference pairs: chosen = the faithful answer,
+      rejected = it plus one absent object, the missing partner of a present object when there is one
+      (the language prior's hallucination);
+    - eval.json: n_eval held-out scenes, half balanced, a quarter each cue-without-partner and
+      partner-without-cue (trap scenes) in a shuffled order, with pairs of the same kind and the exact `objects` lists
+      that `mdpo-eval hallucination` scores against;
+    - model/: a random LLaVA-shaped model (`scenes.build_scene_model`) for `configs/tiny-cpu-sft.yaml`.
+    Same seed -> same files. About 2 ms per image.
+    """
+    from . import scenes
+
+    if min(n_sft, n_pairs, n_eval) <= 0:
+        raise ValueError(f"n_sft={n_sft}, n_pairs={n_pairs}, n_eval={n_eval} must all be positive")
+    folder = Path(out_dir) / "scenes"
+    scenes.write_split(folder, "sft", {"train": n_sft}, seed=seed)
+    scenes.write_split(folder, "pairs", {"train": n_pairs}, seed=seed)
+    quarter = n_eval // 4
+    scenes.write_split(folder, "eval", {"balanced": n_eval - 2 * quarter, "cue_only": quarter, "partner_only": quarter}, seed=seed,
+                       interleave=True)  # the trainer's `eval_generate_every` answers the first questions: a mix
+    scenes.build_scene_model(folder / "model", seed=seed)
+    return folder
