@@ -181,3 +181,28 @@ def test_an_adapter_of_another_base_model_is_refused(models, tmp_path):
     assert load_generation_model("tiny-llava", adapter=final, preset_seed=7).label == "run"
     with pytest.raises(AdapterMismatchError, match="neither a peft adapter"):
         load_generation_model("tiny-llava", adapter=tmp_path)
+
+
+def test_a_full_fine_tuning_final_folder_is_compared_as_is(models, questions, tmp_path):
+    """`--adapter <run>/final` of a full fine-tuning run: the whole model folder, loaded beside the base;
+    another architecture is refused naming both."""
+    from mdpo.models import save_preset
+
+    base_dir = save_preset("tiny-llava", tmp_path / "base", seed=0)
+    tuned = build_preset("tiny-llava", seed=0)
+    with torch.no_grad():
+        for p in tuned.model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    tuned.model.save_pretrained(tmp_path / "run" / "final")
+    tuned.processor.save_pretrained(tmp_path / "run" / "final")
+    base = load_generation_model(base_dir)
+    full = load_generation_model(base_dir, adapter=tmp_path / "run" / "final")
+    assert full.label == "run" and full.kind == "full model"
+    chunk = questions[:3]
+    again = load_generation_model(tmp_path / "run" / "final")  # the same folder as a base gives the same answers
+    answers = [g.ids for g in generate_batch(full, chunk, GREEDY)]
+    assert answers == [g.ids for g in generate_batch(again, chunk, GREEDY)]
+    assert answers != [g.ids for g in generate_batch(base, chunk, GREEDY)]
+    other = save_preset("tiny-qwen2-vl", tmp_path / "qwen", seed=0)
+    with pytest.raises(AdapterMismatchError, match="another architecture"):
+        load_generation_model(base_dir, adapter=other)

@@ -184,7 +184,7 @@ class GenerationModel:
     device: torch.device
     label: str  # short name for tables ("base", "final", "step-000100", ...)
     source: str  # model folder / preset, + adapter or checkpoint path
-    kind: str = "base"  # base | adapter | checkpoint
+    kind: str = "base"  # base | adapter | checkpoint | full model
     run_config: Any = None  # the TrainConfig of the run the adapter / checkpoint comes from, if known
     preset_seed: int | None = None  # the seed of a preset's random weights (None: a model folder)
     eos_ids: tuple[int, ...] = ()
@@ -275,7 +275,8 @@ def load_generation_model(
 
     model: a local model folder (save_pretrained) or a preset name (tiny-llava, ...; random weights
         drawn with `preset_seed`, as `mdpo-train` draws them with the run's `seed`).
-    adapter: None; a peft adapter folder (`<output_dir>/final` of a LoRA run); or a training checkpoint
+    adapter: None; a peft adapter folder (`<output_dir>/final` of a LoRA run); a full model folder of the
+        same architecture (`<output_dir>/final` of a full fine-tuning run); or a training checkpoint
         (`<output_dir>/checkpoints/step-N`: its run's config.json builds the model, `load_trainable`
         copies the trained parameters in). An adapter or checkpoint of another base model (other
         preset, seed or family; other layer names or sizes) raises AdapterMismatchError naming both.
@@ -294,9 +295,8 @@ def load_generation_model(
         return _load_peft(model, adapter, device, dtype, preset_seed, label, prompt_config)
     if (adapter / "config.json").is_file() and not (adapter / "model.safetensors").exists():
         return _load_checkpoint(model, adapter, device, preset_seed, label, prompt_config)
-    if (adapter / "config.json").is_file():
-        raise AdapterMismatchError(f"--adapter {adapter}: a full model folder (full fine-tuning's final/), not an "
-                                   "adapter; evaluate it as --model in a run of its own")
+    if (adapter / "config.json").is_file():  # a full model folder: full fine-tuning's final/
+        return _load_full_model(model, adapter, device, dtype, preset_seed, label, prompt_config)
     raise AdapterMismatchError(
         f"--adapter {adapter}: neither a peft adapter folder (no adapter_config.json) nor a training checkpoint "
         "(no config.json); give <output_dir>/final of a LoRA run or <output_dir>/checkpoints/step-N"
@@ -336,6 +336,32 @@ def _check_run_base(run_cfg, run_cfg_path: Path, model: str, preset_seed: int | 
         import warnings
 
         warnings.warn(f"{what} was trained on model.path={trained}; evaluated on the base {model}, another folder")
+
+
+def _load_full_model(model: str, folder: Path, device, dtype, preset_seed: int, label, prompt_config) -> GenerationModel:
+    """A whole model folder written by a full fine-tuning run (`<output_dir>/final`), compared side by side
+    with the base: it must be the base's architecture (same model_type and layer shapes), and its prompts
+    are rendered with that run's settings (`<output_dir>/config.json`) when the folder sits in a run."""
+    import transformers
+
+    from ..config import load_config
+
+    mine = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if model in _presets() and not Path(model).exists():
+        from ..models import build_preset
+
+        base = build_preset(model, seed=preset_seed).model.config
+    else:
+        base = transformers.AutoConfig.from_pretrained(model, local_files_only=True)
+    shape = lambda c: (c.model_type, c.get_text_config().hidden_size, c.get_text_config().num_hidden_layers,  # noqa: E731
+                       c.get_text_config().vocab_size)
+    if shape(mine) != shape(base):
+        raise AdapterMismatchError(f"--adapter {folder}: a full model of another architecture than --model {model} "
+                                   f"(model_type, hidden size, layers, vocabulary {shape(mine)} vs {shape(base)})")
+    run_cfg = load_config(folder.parent / "config.json") if (folder.parent / "config.json").is_file() else None
+    loaded, _ = _load_base(str(folder), device, dtype, preset_seed)
+    return _finish(loaded, device, label or _default_label(folder), str(folder), "full model", run_config=run_cfg,
+                   prompt_config=prompt_config)
 
 
 def _presets():
@@ -414,7 +440,7 @@ def _load_checkpoint(model: str, ckpt: Path, device, preset_seed: int, label, pr
     except ConfigError as err:
         raise AdapterMismatchError(f"--adapter {ckpt}: config.json is not an mdpo-train run config ({err})") from None
     _check_run_base(cfg, ckpt / "config.json", model, preset_seed if model in _presets() else None, f"checkpoint {ckpt}")
-    if cfg.reference.mode == "live" and cfg.model.finetune == "full":
+    if cfg.reference.mode == "live" and cfg.model.finetune in ("full", "all"):
         cfg.reference.mode = "cached"  # build_model would copy the whole model for a live reference
     loaded, _ = build_model(cfg, device)
     load_trainable(loaded.model, ckpt, "--adapter")
