@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -90,18 +91,59 @@ void sync_thread_count() {
 }
 
 // A fresh tensor that the caller is about to overwrite in full (the gradient). Linux maps fresh
-// memory on first touch, 4 KiB per page fault: for a 500 MiB gradient that is 128K faults, which
-// cost several times the kernel itself (measured: 285 ms to fault in 500 MiB, 80 ms with huge
-// pages, 25 ms for the kernel's own writes). Advising transparent huge pages on the 2 MiB-aligned
-// interior of the block cuts the faults 512-fold. The memory still comes from torch's allocator,
-// so memory accounting sees it; where THP is off or the advice fails, nothing changes.
-// MDPO_HUGEPAGES=0 turns the advice off (e.g. where THP compaction stalls are a concern).
+// memory on first touch, 4 KiB per page fault: for a 500 MiB gradient that is 128K faults, which can
+// cost several times the kernel itself. Advising transparent huge pages (MADV_HUGEPAGE) on the 2 MiB-
+// aligned interior of the block cuts the faults 512-fold, and in a tight loop that reuses just-freed
+// memory it is the fastest. But the default must be what a user gets over many fresh gradients, and
+// there the advice is a gamble on the state of the machine. Where THP `defrag` is `always` or
+// `madvise` (the usual default) an advised fault waits for a whole 2 MiB block (reclaim / compaction
+// if it must); in a VM whose free 2 MiB blocks go back to the host (virtio-balloon free page
+// reporting) each huge page is also a fresh host allocation. Measured on the 2-core dev VM (THP
+// enabled=madvise, defrag=madvise, page_reporting_order=9), 2026-12-01, 1 torch thread, one process,
+// advice off / on interleaved, a fresh gradient per call; sequence_logprobs fwd+bwd fp32
+// (8 x 513 x 32000 = 501 MiB unless said), median (min-max) ms. Machine under load (load avg 3-5):
+//   back to back, n=15:                 off  495 (360-648)    on  248 (155-1885)
+//   0.5 s pause before each call, n=15: off  706 (591-1102)   on 1222 (187-2285)
+//   1 s pause, n=10:                    off  545 (419-651)    on  822 (215-2457)
+//   2 s pause, n=10:                    off  662 (316-787)    on 1575 (910-2642)
+//   2 s pause, n=15:                    off  481 (340-677)    on  874 (485-2426)
+//   3 s pause, n=15:                    off  562 (315-664)    on  805 (197-2395)
+//   2 s pause, 1002 MiB, n=8:           off 1107 (955-1752)   on 3035 (1865-5488)
+//   2 s pause, 125 MiB, n=15:           off  229 (198-286)    on  109 (69-718)
+// Machine quiet (load avg ~1; benchmarks/results/logprobs-cpu*.md, 4096 x 32000):
+//   back to back, n=15:                 off  325 (306-393)    on  153 (123-733)
+//   2 s pause, n=15:                    off  332 (321-550)    on  154 (124-285)
+//   2 s pause, n=15, 20 min earlier:    off  348 (329-641)    on  722 (189-1464)
+// The idle run (2 threads, n=15): off 140-180, on 100-690 (median ~300). The guest never
+// compacted (compact_stall and thp_fault_fallback stayed 0) while free page reporting handed GBs back
+// to the host: the cost is in getting that memory back, and it swings with the host. So the advice
+// wins ~2x when the machine is quiet and loses 1.4-2.7x by median, with stalls of seconds, when it is
+// busy; off never stalls (it costs ~2.5 us per 4 KiB fault, steadily). The default is the predictable
+// one: no advice. MDPO_HUGEPAGES=1 (or on/true/yes) opts in where huge pages are cheap (a quiet or
+// bare-metal machine with free memory), =0 (off/false/no) keeps it off; any other value is an error
+// naming the variable. _C._set_huge_pages overrides it in process (the benchmark's `ours-hugepages`;
+// `python -m benchmarks.logprobs --pause-s 2` re-measures the trade-off). The memory comes from
+// torch's allocator either way, so memory accounting sees it; where THP is off or the advice fails,
+// nothing changes.
+int huge_pages_from_env() {
+  const char* value = std::getenv("MDPO_HUGEPAGES");
+  if (value == nullptr || *value == '\0') return 0;
+  std::string text(value);
+  for (char& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (text == "1" || text == "on" || text == "true" || text == "yes") return 1;
+  if (text == "0" || text == "off" || text == "false" || text == "no") return 0;
+  TORCH_CHECK(false, "mdpo: MDPO_HUGEPAGES must be 1 (advise transparent huge pages for fresh gradients) or 0 "
+              "(do not; the default); got '", value, "'");
+  return 0;  // unreachable
+}
+
+std::atomic<int> g_huge_pages_override{-1};  // set by _C._set_huge_pages; -1 = MDPO_HUGEPAGES (default off)
+
 bool huge_pages_wanted() {
-  static const bool wanted = [] {
-    const char* value = std::getenv("MDPO_HUGEPAGES");
-    return value == nullptr || std::string(value) != "0";
-  }();
-  return wanted;
+  const int forced = g_huge_pages_override.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
+  static const bool from_env = huge_pages_from_env() == 1;  // read once; a bad value throws on every call
+  return from_env;
 }
 
 at::Tensor empty_for_overwrite(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -304,10 +346,32 @@ PyObject* py_set_kernel_isa(PyObject*, PyObject* arg) {
   return nullptr;
 }
 
+PyObject* py_huge_pages(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(mdpo::cpu::huge_pages_wanted());
+  } catch (const c10::Error& err) {
+    PyErr_SetString(PyExc_ValueError, err.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* py_set_huge_pages(PyObject*, PyObject* arg) {
+  if (arg != Py_None && !PyBool_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "_set_huge_pages takes True, False or None (None: back to MDPO_HUGEPAGES)");
+    return nullptr;
+  }
+  mdpo::cpu::g_huge_pages_override.store(arg == Py_None ? -1 : (arg == Py_True ? 1 : 0));
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kMethods[] = {
     {"kernel_isa", py_kernel_isa, METH_NOARGS, "Instruction set the kernels run with: 'avx512', 'avx2' or 'default'."},
     {"_set_kernel_isa", py_set_kernel_isa, METH_O,
      "Force a kernel instruction set no better than the best one (None restores it). For tests."},
+    {"huge_pages", py_huge_pages, METH_NOARGS,
+     "Whether fresh gradients are advised onto transparent huge pages (MDPO_HUGEPAGES, default False)."},
+    {"_set_huge_pages", py_set_huge_pages, METH_O,
+     "Force the huge-page advice on (True) or off (False); None goes back to MDPO_HUGEPAGES. For benchmarks."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "C++ CPU kernels of mdpo_kernels (torch.ops.mdpo.*)", -1, kMethods};

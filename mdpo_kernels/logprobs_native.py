@@ -9,8 +9,9 @@ implementations below give shapes to FakeTensor / torch.compile, which can then 
 Kernels: online log-sum-exp per position over the vocabulary (fp32 math for fp32/bf16/fp16
 storage), AVX2 / AVX-512 chosen at run time, parallel over supervised positions, sums per sequence
 in a fixed order (deterministic). Memory: R·T floats beyond the inputs; the backward allocates only
-the gradient, or none with `inplace=True`. On Linux a fresh gradient buffer is advised onto
-transparent huge pages (far fewer page faults; MDPO_HUGEPAGES=0 turns that off).
+the gradient, or none with `inplace=True`. The fresh gradient gets no transparent-huge-page advice
+by default (measured: by median over fresh gradients, the advice loses on a THP defrag=madvise VM;
+see csrc/logprobs_cpu.cpp); MDPO_HUGEPAGES=1 opts in, `_C.huge_pages()` says which is in force.
 """
 from __future__ import annotations
 

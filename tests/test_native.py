@@ -312,3 +312,70 @@ def test_torch_compile_traces_through_the_ops():
     assert {"mdpo::logprobs_forward", "mdpo::logprobs_backward"} <= called, sorted(called)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+# ------------------------------------------------------------------------------------ huge-page advice
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+_ADVISED_PROBE = """
+    import torch
+    from mdpo_kernels import logprobs_native
+    assert logprobs_native.is_available()
+    logits = torch.randn(2, 128, 32768)  # 32 MiB: a fresh gradient this large gets the advice when it is on
+    target = torch.randint(0, 32768, (2, 128))
+    _, lse = logprobs_native.forward(logits, target, -100)
+    grad = logprobs_native.backward(torch.ones(2), logits, target, lse, -100, False)
+    middle = grad.data_ptr() + grad.nbytes // 2
+    inside = False
+    for line in open("/proc/self/smaps"):  # the mapping holding the gradient's middle: is it marked `hg`?
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= middle < hi
+        elif inside and head == "VmFlags:":
+            print("ADVISED" if "hg" in line.split()[1:] else "NOT_ADVISED")
+            break
+"""
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.exists(_THP), reason="no transparent huge pages (Linux only)")
+@pytest.mark.parametrize("value, expected", [(None, "NOT_ADVISED"), ("0", "NOT_ADVISED"), ("1", "ADVISED"),
+                                             ("off", "NOT_ADVISED"), ("on", "ADVISED")])
+def test_fresh_gradient_gets_huge_page_advice_only_when_asked(value, expected):
+    """Default: no MADV_HUGEPAGE on a fresh gradient (median over fresh allocations is better without it
+    on THP defrag=madvise machines, see csrc/logprobs_cpu.cpp); MDPO_HUGEPAGES=1 opts in."""
+    env = {k: v for k, v in os.environ.items() if k != "MDPO_HUGEPAGES"}
+    if value is not None:
+        env["MDPO_HUGEPAGES"] = value
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_ADVISED_PROBE)], capture_output=True, text=True,
+                            env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [expected], result.stdout + result.stderr
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.exists(_THP), reason="no transparent huge pages (Linux only)")
+def test_bad_hugepages_value_is_named():
+    env = dict(os.environ, MDPO_HUGEPAGES="sometimes")
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_ADVISED_PROBE)], capture_output=True, text=True,
+                            env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode != 0
+    assert "MDPO_HUGEPAGES" in result.stderr and "'sometimes'" in result.stderr, result.stderr
+
+
+@needs_native
+def test_hugepages_override_and_its_query():
+    """`_C.huge_pages()` reports the decision; `_C._set_huge_pages(True | False | None)` overrides it (benchmarks)."""
+    native = native_loader.load()
+    default = native.huge_pages()
+    assert default is (os.environ.get("MDPO_HUGEPAGES", "0").lower() in ("1", "on", "true", "yes"))
+    try:
+        native._set_huge_pages(True)
+        assert native.huge_pages() is True
+        native._set_huge_pages(False)
+        assert native.huge_pages() is False
+        with pytest.raises(TypeError, match="True, False or None"):
+            native._set_huge_pages("yes")
+    finally:
+        native._set_huge_pages(None)
+    assert native.huge_pages() is default
