@@ -25,9 +25,17 @@ Every `benchmarks/<name>.py` uses it the same way (Triton tutorial `05-layer-nor
     H.print_table(rows)
 
 What is measured
-- Time: warm-up calls (the first one also compiles), then repeated calls; median and the 20 % / 80 %
-  quantiles in milliseconds. On CUDA each call is timed with CUDA events (synchronised at the end) after
-  a 256 MB L2 flush outside the timed window; on CPU with `time.perf_counter`.
+- Time: warm-up calls (the first one also compiles), then repeated calls; median, the 20 % / 80 %
+  quantiles and min / max in milliseconds. On CUDA each call is timed with CUDA events (synchronised at
+  the end) after a 256 MB L2 flush outside the timed window; on CPU with `time.perf_counter`.
+  `run_benchmark(..., interleave=True)` (what the kernel benchmarks use) builds every provider of a
+  (shape, mode) first and then times them in rounds, each round calling every provider once in a
+  rotated order (`time_interleaved`), so a shared machine's drifting load hits all providers alike;
+  at least `min_rounds` rounds (15 by default). Every call must allocate its outputs afresh (as a
+  user's call does: autograd's gradient, a new result tensor), never write into a buffer kept across
+  calls: first-touch page faults of fresh memory are part of the cost on a CPU (on Linux, 4 KiB
+  each unless the block got huge pages). On the CPU each row also reports `minflt_per_call`, the
+  median minor page faults of one call (getrusage), which shows how much fresh memory a call touched.
 - Peak extra memory: memory above what the inputs already hold, for one call after warm-up.
   CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the allocated
   bytes before the call. CPU: every provider runs in its own child process
@@ -38,7 +46,8 @@ What is measured
   (otherwise freed heap blocks kept by malloc hide later allocations). If clear_refs is not writable,
   the child skips the warm-up and reports VmHWM − VmRSS-after-setup (the warm-up's compile memory
   would otherwise count) and marks the row `mem_method="hwm-no-reset"`.
-- Every row is stamped with device name, torch / triton versions, git revision (+dirty), date, host.
+- Every row is stamped with device name, torch / triton versions, git revision (+dirty), date, host, and
+  the machine's load average when the row finished (`load_avg`: a shared machine's figures need it).
 - Derived columns: GB/s = bytes_moved / median time; TFLOP/s likewise; `speedup_vs_<baseline>` =
   baseline median / this median (> 1 is faster than the baseline); `mem_vs_<baseline>` = this peak /
   baseline peak. A provider that fails (OOM, missing package) gets a row with `error` and no numbers.
@@ -148,7 +157,16 @@ def stamp(device: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
+        "load_avg": load_average(),
     }
+
+
+def load_average() -> str | None:
+    """The machine's 1 / 5 / 15-minute load averages, e.g. "2.31 2.05 1.80" (None where unknown)."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -174,7 +192,7 @@ def time_fn(
     min_reps: int = 3,
     max_reps: int = 100,
 ) -> dict:
-    """Median and 20/80 % quantiles (ms) of `fn`, after `warmup` calls.
+    """Median, 20/80 % quantiles, min and max (ms) of `fn`, after `warmup` calls (one provider alone).
 
     The number of timed calls is budget_s / (time of the last warm-up call), clamped to [min_reps, max_reps].
     """
@@ -205,12 +223,88 @@ def time_fn(
             t0 = time.perf_counter()
             fn()
             times_ms.append((time.perf_counter() - t0) * 1e3)
+    return {**summarize_ms(times_ms), "timing": "sequential"}
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
+def summarize_ms(times_ms: list[float]) -> dict:
+    """Median, 20 / 80 % quantiles, min, max and every sample (ms) of a list of call times."""
     return {
-        "ms_median": statistics.median(times_ms),
-        "ms_p20": _quantile(times_ms, 0.2),
-        "ms_p80": _quantile(times_ms, 0.8),
-        "reps": len(times_ms),
+        "ms_median": statistics.median(times_ms), "ms_p20": _quantile(times_ms, 0.2), "ms_p80": _quantile(times_ms, 0.8),
+        "ms_min": min(times_ms), "ms_max": max(times_ms), "reps": len(times_ms), "ms_all": [round(t, 3) for t in times_ms],
     }
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    device: str | torch.device,
+    *,
+    warmup: int = 2,
+    budget_s: float = 30.0,
+    min_rounds: int = 15,
+    max_rounds: int = 100,
+    verbose: bool = False,
+    pause_s: float = 0.0,
+) -> dict[str, dict]:
+    """Time several callables in rounds: `warmup` calls each, then R rounds of one call each, in an order
+    rotated every round; R = budget_s / (one round, from the last warm-up calls), clamped to
+    [min_rounds, max_rounds]. Returns {name: summarize_ms(...) + timing="interleaved"} (+ on the CPU
+    `minflt_per_call`, the median minor page faults of one call).
+
+    pause_s > 0 sleeps that long before every timed call (outside the timed window), as the rest of a
+    training step separates two calls of a kernel: memory freed by the previous call then has time to
+    go back to the system (in a VM with free page reporting, back to the host), so a fresh allocation
+    costs what it costs a user, not what it costs in a tight loop that reuses just-freed pages.
+    """
+    device = torch.device(device)
+    names = list(fns)
+    last = dict.fromkeys(names, 0.0)
+    for _ in range(max(1, warmup)):
+        for name in names:
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            last[name] = time.perf_counter() - t0
+    rounds = int(min(max_rounds, max(min_rounds, budget_s / max(sum(last.values()), 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
+    flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            if pause_s > 0:
+                time.sleep(pause_s)
+            if flush is not None:
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                torch.cuda.synchronize(device)
+                times[name].append(start.elapsed_time(end))
+            else:
+                f0 = _minor_faults()
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                faults[name].append(_minor_faults() - f0)
+        if verbose:
+            print(f"  round {i + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.1f}" for n in names) + " ms", flush=True)
+    del flush
+    out = {}
+    for name in names:
+        out[name] = {**summarize_ms(times[name]), "timing": "interleaved"}
+        if device.type != "cuda":
+            out[name]["minflt_per_call"] = int(statistics.median(faults[name]))
+    return out
 
 
 def copy_bandwidth_gbps(device: str | torch.device, nbytes: int = 2**30) -> float:
@@ -314,53 +408,130 @@ def run_benchmark(
     measure_memory: bool = True,
     budget_s: float | None = None,
     verbose: bool = True,
+    interleave: bool = False,
+    min_rounds: int | None = None,
+    pause_s: float = 0.0,
 ) -> list[dict]:
-    """Time (and measure memory of) every provider × shape × mode; returns one dict per row."""
+    """Time (and measure memory of) every provider × shape × mode; returns one dict per row.
+
+    interleave=False: each provider timed alone (`time_fn`, budget_s per row, ≥ 3 calls).
+    interleave=True: per (shape, mode), every provider is set up, called once (a failing one gets its
+    error row), then all are timed together in rounds (`time_interleaved`, ≥ min_rounds rounds, 15 by
+    default, 3 with quick; about budget_s per provider; pause_s before every timed call, see
+    `time_interleaved`); memory afterwards, one provider at a time.
+    """
     device = spec.options.get("device", "cpu")
     dev = torch.device(device)
     stamp_fields = stamp(device)
     budget = budget_s if budget_s is not None else (0.5 if quick else 3.0)
+    rounds_floor = min_rounds if min_rounds is not None else (3 if quick else 15)
     rows: list[dict] = []
+
+    def new_row(provider, shape, mode):
+        return {
+            "benchmark": spec.name, "provider": provider, "shape": spec.label(shape), "shape_params": shape,
+            "mode": mode, **{k: v for k, v in spec.options.items() if isinstance(v, (str, int, float, bool))},
+        }
+
+    def error_text(err):
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+    def free():
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory(row, provider, shape, mode, fn):
+        if not measure_memory:
+            return
+        try:
+            if dev.type == "cuda":
+                row["peak_mem_bytes"], row["mem_method"] = measure_peak_memory(fn, dev)
+            else:
+                row["peak_mem_bytes"], row["mem_method"] = memory_in_child(spec, provider, shape, mode)
+        except Skip as why:
+            row["mem_skipped"] = str(why)
+        except Exception as err:  # noqa: BLE001
+            row["mem_error"] = error_text(err)
+
+    def finish(row, shape, mode):
+        if "ms_median" in row:
+            seconds = row["ms_median"] * 1e-3
+            nbytes = spec.bytes_moved(shape, mode, spec.options) if spec.bytes_moved else None
+            if nbytes:
+                row["bytes_moved"] = nbytes
+                row["gbps"] = nbytes / seconds / 1e9
+            nflops = spec.flops(shape, mode, spec.options) if spec.flops else None
+            if nflops:
+                row["tflops"] = nflops / seconds / 1e12
+        row.update(stamp_fields)
+        row["load_avg"] = load_average()  # when this row finished (the stamp's is from the start of the run)
+        rows.append(row)
+        if verbose:
+            print(_one_line(row), flush=True)
+
     for shape in spec.shapes:
         for mode in spec.modes:
-            for provider in spec.providers:
-                row = {
-                    "benchmark": spec.name, "provider": provider, "shape": spec.label(shape), "shape_params": shape,
-                    "mode": mode, **{k: v for k, v in spec.options.items() if isinstance(v, (str, int, float, bool))},
-                }
+            if not interleave:
+                for provider in spec.providers:
+                    row = new_row(provider, shape, mode)
+                    try:
+                        fn = setup(provider, shape, mode, spec.options)
+                        timing = time_fn(fn, dev, warmup=2, budget_s=budget, min_reps=3 if not quick else 2)
+                        row.update(timing)
+                        if measure_memory and dev.type == "cuda":
+                            row["peak_mem_bytes"], row["mem_method"] = measure_peak_memory(fn, dev)
+                        del fn
+                        free()
+                        if measure_memory and dev.type != "cuda":
+                            row["peak_mem_bytes"], row["mem_method"] = memory_in_child(spec, provider, shape, mode)
+                    except Skip as why:
+                        row["skipped"] = str(why)
+                    except Exception as err:  # noqa: BLE001 — a failing provider is a result, not a crash
+                        row["error"] = error_text(err)
+                        fn = None
+                        free()
+                    finish(row, shape, mode)
+                continue
+
+            group = {p: new_row(p, shape, mode) for p in spec.providers}
+            fns: dict[str, Callable[[], Any]] = {}
+            for provider, row in group.items():
                 try:
                     fn = setup(provider, shape, mode, spec.options)
-                    timing = time_fn(fn, dev, warmup=2, budget_s=budget, min_reps=3 if not quick else 2)
-                    row.update(timing)
-                    if measure_memory and dev.type == "cuda":
-                        row["peak_mem_bytes"], row["mem_method"] = measure_peak_memory(fn, dev)
-                    del fn
-                    gc.collect()
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                    if measure_memory and dev.type != "cuda":
-                        row["peak_mem_bytes"], row["mem_method"] = memory_in_child(spec, provider, shape, mode)
+                    fn()  # first call (compiles); a provider that fails here drops out of the rounds
+                    fns[provider] = fn
                 except Skip as why:
                     row["skipped"] = str(why)
-                except Exception as err:  # noqa: BLE001 — a failing provider is a result, not a crash
-                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-                    fn = None
-                    gc.collect()
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                if "ms_median" in row:
-                    seconds = row["ms_median"] * 1e-3
-                    nbytes = spec.bytes_moved(shape, mode, spec.options) if spec.bytes_moved else None
-                    if nbytes:
-                        row["bytes_moved"] = nbytes
-                        row["gbps"] = nbytes / seconds / 1e9
-                    nflops = spec.flops(shape, mode, spec.options) if spec.flops else None
-                    if nflops:
-                        row["tflops"] = nflops / seconds / 1e12
-                row.update(stamp_fields)
-                rows.append(row)
+                except Exception as err:  # noqa: BLE001
+                    row["error"] = error_text(err)
+                fn = None
+                free()
+            if fns:
                 if verbose:
-                    print(_one_line(row), flush=True)
+                    print(f"# {spec.label(shape)} {mode}: {', '.join(fns)} interleaved", flush=True)
+                try:
+                    timings = time_interleaved(fns, dev, warmup=1, budget_s=budget * len(fns), min_rounds=rounds_floor,
+                                               verbose=verbose, pause_s=pause_s)
+                    for timing in timings.values():
+                        timing["pause_s"] = pause_s
+                    for provider, timing in timings.items():
+                        group[provider].update(timing)
+                except Exception as err:  # noqa: BLE001
+                    for provider in fns:
+                        group[provider]["error"] = "during the interleaved rounds: " + error_text(err)
+                if dev.type == "cuda":
+                    for provider, fn in fns.items():
+                        if "ms_median" in group[provider]:
+                            memory(group[provider], provider, shape, mode, fn)
+                fns.clear()
+                free()
+                if dev.type != "cuda":
+                    for provider, row in group.items():
+                        if "ms_median" in row:
+                            memory(row, provider, shape, mode, None)
+            for row in group.values():
+                finish(row, shape, mode)
     if spec.baseline:
         add_ratios(rows, spec.baseline)
     return rows
@@ -393,7 +564,8 @@ def _one_line(row: dict) -> str:
     mem = row.get("peak_mem_bytes")
     return (
         f"{head}  {row['ms_median']:10.2f} ms [{row['ms_p20']:.2f}, {row['ms_p80']:.2f}]"
-        f"  {_fmt(row.get('gbps'), '7.1f')} GB/s  peak +{_fmt(mem / 2**20 if mem is not None else None, '8.1f')} MiB"
+        + (f" min–max {row['ms_min']:.2f}–{row['ms_max']:.2f}" if "ms_min" in row else "")
+        + f"  {_fmt(row.get('gbps'), '7.1f')} GB/s  peak +{_fmt(mem / 2**20 if mem is not None else None, '8.1f')} MiB"
     )
 
 
@@ -401,7 +573,10 @@ def markdown_table(rows: list[dict]) -> str:
     """One markdown table: a row per (shape, mode, provider), ratio columns for every baseline found."""
     speed_cols = sorted({k for r in rows for k in r if k.startswith("speedup_vs_")})
     mem_cols = sorted({k for r in rows for k in r if k.startswith("mem_vs_")})
-    header = ["shape", "mode", "provider", "median ms", "p20–p80 ms", "GB/s", "TFLOP/s", "peak extra MiB", *speed_cols, *mem_cols]
+    spread = any("ms_min" in r for r in rows)
+    faults = any("minflt_per_call" in r for r in rows)
+    header = ["shape", "mode", "provider", "median ms", "p20–p80 ms", *(["min–max ms"] if spread else []),
+              *(["faults/call"] if faults else []), "GB/s", "TFLOP/s", "peak extra MiB", *speed_cols, *mem_cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "ms_median" not in r:
@@ -411,6 +586,8 @@ def markdown_table(rows: list[dict]) -> str:
         mem = r.get("peak_mem_bytes")
         cells = [
             r["shape"], r["mode"], r["provider"], f"{r['ms_median']:.2f}", f"{r['ms_p20']:.2f}–{r['ms_p80']:.2f}",
+            *([f"{r['ms_min']:.2f}–{r['ms_max']:.2f}" if "ms_min" in r else "—"] if spread else []),
+            *([_fmt(r.get("minflt_per_call"), "d")] if faults else []),
             _fmt(r.get("gbps"), ".1f"), _fmt(r.get("tflops"), ".2f"), _fmt(mem / 2**20 if mem is not None else None, ".1f"),
             *[_fmt(r.get(c), ".2f") + ("×" if c in r else "") for c in speed_cols],
             *[_fmt(r.get(c), ".2f") + ("×" if c in r else "") for c in mem_cols],
@@ -472,6 +649,8 @@ def write_reports(rows: list[dict], prefix: str, device_tag: str, *, notes: list
     base = out_dir / f"{prefix}-{device_tag}"
     first = rows[0] if rows else {}
     provenance = {k: first.get(k) for k in ("device_name", "torch", "triton", "cuda", "git", "date")}
+    if rows and rows[-1].get("load_avg"):
+        provenance["load (1/5/15 min) at the end"] = rows[-1]["load_avg"]
     with open(base.with_suffix(".json"), "w") as f:
         json.dump({"provenance": provenance, "notes": notes or [], "rows": rows}, f, indent=1, default=str)
     md = [f"# {prefix} ({device_tag})", "", "  ".join(f"**{k}** {v}" for k, v in provenance.items()), ""]
@@ -480,7 +659,9 @@ def write_reports(rows: list[dict], prefix: str, device_tag: str, *, notes: list
     base.with_suffix(".md").write_text("\n".join(md))
     paths = {"json": str(base.with_suffix(".json")), "md": str(base.with_suffix(".md"))}
     try:
-        plot(rows, base.with_suffix(".png"), f"{prefix} — {provenance.get('device_name')} — torch {provenance.get('torch')} — {provenance.get('git')}")
+        load = rows[-1].get("load_avg") if rows else None
+        plot(rows, base.with_suffix(".png"), f"{prefix} — {provenance.get('device_name')} — torch {provenance.get('torch')} — "
+                                             f"{provenance.get('git')}" + (f" — load {load}" if load else ""))
         paths["png"] = str(base.with_suffix(".png"))
     except Exception as err:  # noqa: BLE001 — a missing matplotlib must not lose the numbers
         print(f"WARNING: plot not written: {err}", file=sys.stderr)

@@ -4,7 +4,10 @@
     python -m benchmarks.linear_logprobs --quick            # smoke run: small shape, short timing
     python -m benchmarks.linear_logprobs --shapes b --heads frozen --providers ours,cce
 
-Providers (forward + backward, a random upstream gradient per row; CPU memory: one child process each):
+Providers (forward + backward, a random upstream gradient per row; timed interleaved in one process: per
+shape, every provider once per round in a rotated order, ≥ --rounds rounds (5 by default: calls take
+seconds here), so a shared machine's drifting load hits all alike; every call returns fresh gradients;
+median, 20–80 % and min–max reported; CPU memory: one child process each):
   ours       `linear_sequence_logprobs` (automatic dispatch for the per-chunk log-softmax)
   naive      matmul → log_softmax → gather → masked sum over all positions, (R, T, V) logits
   compile    torch.compile of naive
@@ -206,7 +209,9 @@ def main(argv=None) -> list[dict]:
     parser = H.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), default_modes=("full",))
     parser.add_argument("--shapes", default=None, help="comma-separated subset of a,b,c (default a,b on CPU, a,b,c on GPU)")
     parser.add_argument("--heads", default="frozen,trained", help="comma-separated: frozen (hidden grad only), trained (weight too)")
-    parser.add_argument("--budget-s", type=float, default=None, help="timing budget per row (reps = budget / one call, ≥ 3)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="timing budget per provider (rounds = budget / one round of calls, at least --rounds)")
+    parser.add_argument("--rounds", type=int, default=None, help="at least this many interleaved rounds (default 5, 3 with --quick)")
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,6 +233,8 @@ def main(argv=None) -> list[dict]:
         f"ours: per-chunk log-softmax through impl '{dispatch.resolve_impl(torch.device(device))}' on {device}; dtype {dtype}",
         "full = forward + backward with a random upstream gradient per row (liger: its scalar DPO loss)",
         "peak extra memory: above the inputs; CPU: each provider measured in its own process",
+        f"timing: providers interleaved (rounds in a rotated order); {torch.get_num_threads()} torch threads; "
+        f"load average (1/5/15 min) at the start: {H.load_average()}",
     ]
     for note in notes:
         print("#", note)
@@ -236,7 +243,8 @@ def main(argv=None) -> list[dict]:
         modes=args.modes.split(","), options={"device": device, "dtype": dtype}, baseline="naive", flops=flops,
         shape_label=lambda s: f"{s['name']}:{s['head']} {s['rows']}×{s['T']} H{s['H']} V{s['V']}",
     )
-    rows = H.run_benchmark(spec, setup, quick=args.quick, measure_memory=not args.no_memory, budget_s=args.budget_s)
+    rows = H.run_benchmark(spec, setup, quick=args.quick, measure_memory=not args.no_memory, budget_s=args.budget_s,
+                           interleave=True, min_rounds=args.rounds if args.rounds is not None else (3 if args.quick else 5))
     targets = target_report(rows, torch.device(device).type)
     H.report(rows, "linear_logprobs", torch.device(device).type + ("-quick" if args.quick else ""), targets,
              notes=notes, results_dir=args.results_dir)

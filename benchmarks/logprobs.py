@@ -4,16 +4,27 @@
     python -m benchmarks.logprobs --device cpu          # CPU defaults: fp32, 4096 tokens × V = 32000 (see below)
     python -m benchmarks.logprobs --quick               # smoke run: 1024 tokens × V = 32000, short timing
     python -m benchmarks.logprobs --shapes 4096x32000,16384x151936 --providers ours,eager --dtype bfloat16
+    python -m benchmarks.logprobs --device cpu --providers ours,ours-hugepages,eager --modes full --pause-s 2
+                                                        # huge pages or not, with a training step's pause between calls
 
-Providers (side by side, one process; CPU memory in one child process each, see `_harness`):
+Providers (one process, timed interleaved: ≥ 15 rounds, each calling every provider once, so drifting
+load on a shared machine hits all alike; every call allocates its outputs and gradient afresh, as a
+user's call does; median, 20–80 % and min–max reported; CPU memory in one child process each, see
+`_harness`):
   ours          `sequence_logprobs` with automatic dispatch (CUDA -> Triton; CPU -> C++ if built, else torch)
   ours-inplace  the same with inplace_backward=True (the gradient overwrites the logits: no R·T·V buffer)
+  ours-hugepages  `ours` with the C++ backward's fresh gradient advised onto transparent huge pages
+                (`_C._set_huge_pages(True)` around each call; the default is no advice, see
+                csrc/logprobs_cpu.cpp): the trade-off behind that default, re-measured in every CPU run
   ours-native / ours-torch / ours-triton   an explicit impl= (by default only those that differ from auto;
                 Triton is excluded on the CPU, where it would only be interpreted)
   eager         TRL-style `logits.log_softmax(-1).gather(-1, labels).masked sum` in the logits' dtype
   compile       torch.compile of `eager`
   liger         Liger's Triton cross-entropy (reduction="none", per-token), summed per row — GPU only;
                 it computes the gradient during the forward and stores it into the logits.
+--pause-s N sleeps N s before every timed call: freed memory then goes back to the system (on this
+VM, through free page reporting, to the host) as it does between two training steps, so each fresh
+gradient costs what it costs a user; back to back (the default) the allocator reuses just-freed pages.
 Modes: forward (logits require grad, as in training), backward (gradient of a random upstream
 g ∈ R^R only, forward done in setup), full (forward + backward).
 
@@ -33,7 +44,10 @@ from benchmarks import _harness as H
 from mdpo_kernels import dispatch, sequence_logprobs
 
 IGNORE = -100
-ALL_PROVIDERS = ["ours", "ours-inplace", "ours-native", "ours-torch", "ours-triton", "eager", "compile", "liger"]
+ALL_PROVIDERS = ["ours", "ours-inplace", "ours-hugepages", "ours-native", "ours-torch", "ours-triton", "eager", "compile",
+                 "liger"]
+THP = "/sys/kernel/mm/transparent_hugepage"
+
 GPU_SHAPES = [(tokens, vocab) for tokens in (4096, 16384) for vocab in (32000, 51200, 151936)]
 CPU_SHAPES = [(4096, 32000)]
 QUICK_SHAPES = [(1024, 32000)]
@@ -77,10 +91,31 @@ def _op(provider: str):
         return lambda x, y: sequence_logprobs(x, y, check_labels=False)
     if provider == "ours-inplace":
         return lambda x, y: sequence_logprobs(x, y, check_labels=False, inplace_backward=True)
+    if provider == "ours-hugepages":
+        return lambda x, y: sequence_logprobs(x, y, check_labels=False, impl="native")
     if provider.startswith("ours-"):
         impl = provider.split("-", 1)[1]
         return lambda x, y: sequence_logprobs(x, y, check_labels=False, impl=impl)
     return {"eager": eager_logprobs, "compile": compiled_logprobs, "liger": liger_logprobs}[provider]
+
+
+def _native_module():
+    from mdpo_kernels import native_loader
+
+    return native_loader._try_import()
+
+
+def thp_note() -> str | None:
+    """The machine's transparent-huge-page settings and what `ours` does with them."""
+    try:
+        enabled = open(f"{THP}/enabled").read().split("[")[1].split("]")[0]
+        defrag = open(f"{THP}/defrag").read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+    native = _native_module()
+    advice = "native C++ extension missing" if native is None else (
+        "ours advises fresh gradients onto huge pages" if native.huge_pages() else "ours gives no huge-page advice (the default)")
+    return f"transparent huge pages: enabled={enabled}, defrag={defrag}; {advice}; ours-hugepages forces the advice on"
 
 
 def setup(provider: str, shape: dict, mode: str, options: dict):
@@ -90,8 +125,10 @@ def setup(provider: str, shape: dict, mode: str, options: dict):
         raise H.Skip("Liger's kernel needs a GPU")
     if provider == "ours-triton" and device.type != "cuda":
         raise H.Skip("Triton on the CPU is only interpreted")
-    if provider == "ours-native" and dispatch._native_backend() is None:
+    if provider in ("ours-native", "ours-hugepages") and dispatch._native_backend() is None:
         raise H.Skip("C++ extension not built")
+    if provider == "ours-hugepages" and mode == "forward":
+        raise H.Skip("same forward as ours (the advice is for the backward's fresh gradient)")
     if provider == "ours-inplace" and mode == "forward":
         raise H.Skip("same forward as ours")
     if provider == "ours-inplace" and mode == "backward":
@@ -120,6 +157,15 @@ def setup(provider: str, shape: dict, mode: str, options: dict):
             torch.autograd.grad(op(logits, labels), logits, upstream)
     else:
         raise ValueError(f"unknown mode {mode!r}")
+    if provider == "ours-hugepages":  # the advice on for this call only (interleaved with the others)
+        native, plain = _native_module(), run
+
+        def run():
+            native._set_huge_pages(True)
+            try:
+                plain()
+            finally:
+                native._set_huge_pages(None)
     return run
 
 
@@ -171,6 +217,12 @@ def target_report(rows: list[dict], device: str, dtype: str, copy_gbps: float | 
                         lines.append(f"{shape} full: ours peak extra beyond the {grad_bytes / 2**20:.0f} MiB gradient = "
                                      f"{beyond:.3f} of eager's — target ≤ 0.05: {'REACHED' if beyond <= 0.05 else 'not reached'}")
                     if mode == "full" and provider == "ours":
+                        hp = by.get((shape, "full", "ours-hugepages"))
+                        if hp and "ms_median" in hp and "ms_median" in row:
+                            lines.append(f"{shape} full: huge-page advice on (ours-hugepages) median {hp['ms_median']:.1f} ms "
+                                         f"(min–max {hp['ms_min']:.1f}–{hp['ms_max']:.1f}) against ours {row['ms_median']:.1f} ms "
+                                         f"(min–max {row['ms_min']:.1f}–{row['ms_max']:.1f}): ours (no advice unless MDPO_HUGEPAGES=1) is "
+                                         f"{'the faster' if row['ms_median'] <= hp['ms_median'] else 'the SLOWER'} by median here")
                         for peer, goal in (("eager", 2.0), ("compile", 1.3)):
                             peer_row = by.get((shape, "full", peer))
                             if peer_row and "ms_median" in peer_row and "ms_median" in row:
@@ -196,6 +248,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--shapes", default=None, help="comma-separated TOKENSxVOCAB, e.g. 4096x32000,16384x151936")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="positions per row (R = tokens / seq_len)")
     parser.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of labels set to ignore_index")
+    parser.add_argument("--pause-s", type=float, default=0.0,
+                        help="sleep before every timed call, as the rest of a training step would (results tagged -pause<N>s)")
+    parser.add_argument("--rounds", type=int, default=None, help="at least this many interleaved rounds (default 15, 3 with --quick)")
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,7 +273,8 @@ def main(argv=None) -> list[dict]:
         explicit = [f"ours-{impl}" for impl in ("native", "torch", "triton") if impl != auto]
         explicit = [p for p in explicit if not (p == "ours-triton" and not on_gpu)]
         explicit = [p for p in explicit if not (p == "ours-native" and (on_gpu or dispatch._native_backend() is None))]
-        providers = ["ours", "ours-inplace", *explicit, "eager", "compile"] + (["liger"] if on_gpu else [])
+        hugepages = [] if on_gpu or dispatch._native_backend() is None or thp_note() is None else ["ours-hugepages"]
+        providers = ["ours", "ours-inplace", *hugepages, *explicit, "eager", "compile"] + (["liger"] if on_gpu else [])
 
     notes = [f"ours = automatic dispatch -> impl '{auto}' on {device}", f"dtype {dtype}; R = tokens / {seq_len} rows"]
     if not on_gpu and not args.shapes:
@@ -226,6 +282,12 @@ def main(argv=None) -> list[dict]:
                      "logits tensor and minutes per provider on 2 cores); pass --shapes for more")
     if not on_gpu:
         notes.append("Triton is excluded from CPU timing (interpreted); Liger's kernel needs a GPU")
+        notes.append(f"{torch.get_num_threads()} torch threads; load average (1/5/15 min) at the start: {H.load_average()}")
+        if thp_note():
+            notes.append(thp_note())
+    notes.append("timing: providers interleaved, fresh outputs and gradients every call; median, p20–p80, min–max"
+                 + (f"; {args.pause_s:g} s pause before every timed call (as between two training steps)" if args.pause_s else
+                    "; calls back to back (a tight loop: just-freed memory is reused at once)"))
     if args.ignore_frac:
         notes.append(f"{args.ignore_frac:.0%} of labels ignored: GB/s still counts every position")
     copy_gbps = None
@@ -241,9 +303,12 @@ def main(argv=None) -> list[dict]:
         baseline="eager", bytes_moved=bytes_moved,
         shape_label=lambda s: f"{s['tokens']}tok×V{s['vocab']}",
     )
-    rows = H.run_benchmark(spec, setup, quick=args.quick, measure_memory=not args.no_memory)
+    rows = H.run_benchmark(spec, setup, quick=args.quick, measure_memory=not args.no_memory, interleave=True,
+                           min_rounds=args.rounds, pause_s=args.pause_s)
+    notes.append(f"load average (1/5/15 min) at the end: {H.load_average()}")
     targets = target_report(rows, torch.device(device).type, dtype, copy_gbps)
-    H.report(rows, "logprobs", torch.device(device).type + ("-quick" if args.quick else ""), targets,
+    tag = torch.device(device).type + ("-quick" if args.quick else "") + (f"-pause{args.pause_s:g}s".replace(".", "p") if args.pause_s else "")
+    H.report(rows, "logprobs", tag, targets,
              notes=notes, results_dir=args.results_dir)
     return rows
 
