@@ -289,7 +289,7 @@ def _train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         writer = make_metrics_writer(cfg, out)  # report_to: TensorBoard, wandb or None
     log_file = open(metrics_path, "a" if resume is not None else "w") if accelerator.is_main_process else None
-    bar = tqdm(total=total_steps, initial=position["global_step"], desc="mDPO", disable=not (cfg.progress_bar and accelerator.is_main_process))
+    bar = tqdm(total=total_steps, initial=position["global_step"], desc=cfg.objective, disable=not (cfg.progress_bar and accelerator.is_main_process))
     eval_metrics_path, eval_history = out / "eval_metrics.jsonl", []
     eval_file = open(eval_metrics_path, "a" if resume is not None else "w") if (accelerator.is_main_process and eval_records) else None
 
@@ -360,7 +360,10 @@ def _train(cfg: TrainConfig) -> dict:
                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
             history.append(row)
             write_row(log_file, writer, row)
-            bar.set_postfix(loss=f"{row['loss/total']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
+            postfix = {"loss": f"{row['loss/total']:.4f}"}
+            if "rewards/accuracies" in row:  # sft has no rewards
+                postfix["acc"] = f"{row['rewards/accuracies']:.2f}"
+            bar.set_postfix(postfix)
             bar.update(1)
             at_epoch_end = step_in_epoch + 1 == steps_per_epoch
             next_pos = {"epoch": epoch + 1, "step_in_epoch": 0} if at_epoch_end else {"epoch": epoch, "step_in_epoch": step_in_epoch + 1}
@@ -389,7 +392,7 @@ def _train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     plots = save_plots(metrics_path, out / "plots", eval_metrics_path if eval_records else None) if (cfg.plots and accelerator.is_main_process) else []
     summary = {
-        "steps": step, "epochs": cfg.epochs, "pairs_per_step": cfg.effective_batch_size, "records": len(records),
+        "objective": cfg.objective, "steps": step, "epochs": cfg.epochs, "pairs_per_step": cfg.effective_batch_size, "records": len(records),
         "skipped_records": [{"index": i, "id": s, "reason": r} for i, s, r in skipped],
         "first": history[0] if history else None, "last": history[-1] if history else None,
         "last_mean": mean_of_last(history),
@@ -414,7 +417,7 @@ def mean_of_last(history: list[dict], fraction: float = 0.1) -> dict | None:
 
 def print_summary(summary: dict) -> None:
     first, last = summary["first"], summary["last_mean"]
-    print(f"\nmDPO run finished: {summary['steps']} optimizer steps on {summary['records']} records "
+    print(f"\n{summary.get('objective', 'mdpo')} run finished: {summary['steps']} optimizer steps on {summary['records']} records "
           f"({summary['pairs_per_step']} pairs/step, {summary['processes']} process(es)) in {summary['seconds']} s")
     if first and last:
         for key in ("loss/total", "loss/dpo", "loss/conditional", "loss/anchor", "rewards/accuracies", "rewards/conditional_accuracies"):
@@ -424,8 +427,9 @@ def print_summary(summary: dict) -> None:
     if held_out:
         first_eval, last_eval = held_out["first"], held_out["last"]
         print(f"  held-out ({held_out['pairs']} pairs from {held_out['path']}):")
-        for key in ("loss/total", "rewards/accuracies", "rewards/conditional_accuracies", "rewards/margins"):
-            if key in last_eval:
+        for key in ("loss/total", "rewards/accuracies", "rewards/conditional_accuracies", "rewards/margins",
+                    "generate/chair_s", "generate/chair_i", "generate/recall", "generate/objects_per_answer"):
+            if key in last_eval and key in first_eval and last_eval[key] is not None and first_eval[key] is not None:
                 print(f"    {key:30s} step {first_eval['step']} {first_eval[key]: .4f}   step {last_eval['step']} {last_eval[key]: .4f}")
     if summary["skipped_records"]:
         print(f"  skipped {len(summary['skipped_records'])} bad record(s): see summary.json")
