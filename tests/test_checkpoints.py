@@ -90,6 +90,9 @@ def _run_and_maybe_die(overrides: list[str], kill_before: str) -> None:
     from mdpo.train import main
 
     torch.cuda.is_available = lambda: False  # a CPU run (a forked child must not touch the parent's CUDA)
+    # One intra-op thread: the OpenMP pool the parent already started does not survive a fork, and the
+    # child's first parallel region would wait on it for ever (seen in CI with 2 threads).
+    torch.set_num_threads(1)
     kind, at = kill_before.split(":")
     calls = {"save": 0, "publish": 0}
 
@@ -117,6 +120,10 @@ def _child(overrides: list[str], kill_before: str = "none:0") -> int:
     proc = multiprocessing.get_context("fork").Process(target=_run_and_maybe_die, args=(overrides, kill_before))
     proc.start()
     proc.join(timeout=300)
+    if proc.exitcode is None:  # hung: never leave it behind
+        proc.kill()
+        proc.join()
+        raise AssertionError("the forked training run did not finish in 300 s")
     return proc.exitcode
 
 
