@@ -7,6 +7,8 @@
     python -m benchmarks.train_step --device cpu --text-layers 1 --image-size 336 --prompt-tokens 40 \
         --response-tokens 120 --rejected-tokens 100 --interleave 4 --tag cpu-shared \
         --providers ours,ours-shared,ref-pass,ref-pass-shared    # issue 13's shared-prefix figures
+    python -m benchmarks.train_step --device cpu --interleave 4 --tag cpu-trl --providers ours,trl-dpo,trl-real
+                                                            # against TRL's real DPOTrainer (needs `trl`)
 
 A step is what the user waits for: forward over the rows, loss, backward, gradient clipping (max norm
 1.0) and an AdamW step (lr 1e-5), then `zero_grad(set_to_none=True)`. Not in the step, for every
@@ -48,11 +50,16 @@ Providers (side by side, one process for time; on the CPU each in its own child 
             returns them for its logit metrics)
   trl-dpo   plain DPO the (old) TRL way, for scale: one policy call over 2B rows, the live reference
             over the same 2B rows, full logits + log_softmax as above; `objective="dpo"`
+  trl-real  TRL's own `DPOTrainer` (the `trl` package, 1.16 when written; `trl_real_setup`): one
+            `trainer.training_step` (its concatenated [chosen | rejected] forward through TRL's fused LM
+            head, the live reference with the adapters off, its sigmoid loss and metrics, backward), then
+            its clip and AdamW step; LoRA applied by TRL from an equal `peft.LoraConfig`. Needs `trl`;
+            without it the provider reports an error row and the others run
 With `--full` there are no adapters to switch off: the live providers use a frozen deep copy of the
 model as the reference (TRL's `ref_model`), which also counts in their resident memory.
 
 Reported per provider: time per step (median, 20/80 %), tokens/s (all tokens of the rows the policy
-processes: 3B·T for ours/paper, 2B·T for trl-dpo), peak memory — "extra" (the harness's figure: above
+processes: 3B·T for ours/paper, 2B·T for trl-dpo/trl-real), peak memory — "extra" (the harness's figure: above
 what is resident before the step: weights, optimizer state, batch) and "total" (CUDA: the allocator's
 peak during one step, `max_memory_allocated`; CPU: resident bytes counted from the tensors + the
 measured extra) — and the ratios of each provider to `paper` and to `trl-dpo`.
@@ -83,9 +90,9 @@ IGNORE = -100
 BETA = 0.1
 LR = 1e-5
 MAX_GRAD_NORM = 1.0
-ALL_PROVIDERS = ["ours", "ours-shared", "ours-live", "paper", "trl-dpo", "ref-pass", "ref-pass-shared"]
+ALL_PROVIDERS = ["ours", "ours-shared", "ours-live", "paper", "trl-dpo", "trl-real", "ref-pass", "ref-pass-shared"]
 SHARED = ("ours-shared", "ref-pass-shared")  # providers whose scorer shares the image + prompt prefix
-BASELINES = ("paper", "trl-dpo")
+BASELINES = ("paper", "trl-dpo", "trl-real")
 
 # LLaVA-1.5-7B: Vicuna-7B text model + CLIP ViT-L/14-336 + 2-layer MLP projector.
 LLAVA_15_7B = dict(
@@ -293,6 +300,9 @@ def lm_forwards(provider: str, shape: dict, batch: dict, model=None, adapter=Non
         return [fwd(3 * pairs, True, head=supervised), fwd(3 * pairs, False, head=supervised)]
     if provider == "paper":
         return [fwd(2 * pairs, True, True), fwd(pairs, True, True), fwd(2 * pairs, False, True), fwd(pairs, False, True)]
+    if provider == "trl-real":  # TRL's fused LM head scores only the completion tokens, in tiles
+        head = int((batch["labels"][: 2 * pairs] != IGNORE).sum())
+        return [fwd(2 * pairs, True, head=head), fwd(2 * pairs, False, head=head)]
     return [fwd(2 * pairs, True, True), fwd(2 * pairs, False, True)]  # trl-dpo
 
 
@@ -415,6 +425,110 @@ def run_interleaved(spec: H.BenchSpec, shape: dict, rounds: int, measure_memory:
     return rows, mm_rate
 
 
+# ----------------------------------------------------------------------------------------------- real TRL
+def trl_version() -> str | None:
+    """The installed TRL's version, None without TRL (the trl-real provider then reports an error row)."""
+    try:
+        import trl
+    except ImportError:
+        return None
+    return trl.__version__
+
+
+def trl_real_setup(shape: dict, options: dict):
+    """The `trl-real` provider: one optimizer step of TRL's own `DPOTrainer` (written against TRL 1.16).
+
+    TRL builds the trainer as a user would: the base model (same config, random weights, seed 0) and a
+    `peft.LoraConfig` equal to `apply_lora`'s (every linear layer of the language model, r, α, dropout
+    0.05), so TRL wraps it with peft itself and takes the reference from the adapters switched off; a
+    one-record vision dataset and the tiny LLaVA processor only configure it (TRL needs a
+    `ProcessorMixin` and a dataset with an image to take its VLM path). `--full`: TRL's `ref_model`
+    is a frozen copy. The timed step is TRL's smallest public unit of a full step, what
+    `Trainer._inner_training_loop` does per batch: `trainer.training_step(model, inputs)` (TRL's
+    `_compute_loss`: the policy forward over [chosen | rejected] (2B rows) through TRL's fused LM head
+    (`add_fused_lm_head`: completion tokens only, in tiles, no full logits), the live no-grad reference
+    forward over the same 2B rows, the sigmoid DPO loss, TRL's metrics; then `accelerator.backward`),
+    `accelerator.clip_grad_norm_(…, 1.0)`, `optimizer.step()` (the trainer's own AdamW, lr 1e-5, no
+    weight decay), `zero_grad`. `inputs` has the layout TRL's `DataCollatorForVisionPreference`
+    returns (checked against it here, on the tiny processor): input_ids / attention_mask /
+    pixel_values / completion_mask over the chosen and rejected rows of `make_batch` — collation is
+    outside the step for every provider. Choices where TRL's defaults differ from the other
+    providers: dropout kept (`disable_dropout=False`), gradient checkpointing only with `--grad-ckpt`
+    (TRL turns it on by default), fp32 on the CPU (`bf16` only with a bf16 dtype), `max_length=None`.
+    """
+    try:
+        from trl import DPOConfig, DPOTrainer
+    except ImportError as err:
+        raise RuntimeError("trl-real needs TRL (pip install trl; requirements-cpu.txt lists it among the peers)") from err
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+
+    from mdpo.models import freeze_for_full_finetune, get_adapter
+    from mdpo.models.loading import choose_attn_implementation
+    from mdpo.models.lora import language_model_linear_names
+    from mdpo.tiny_processors import build_tiny_processor
+
+    device, dtype = torch.device(options["device"]), getattr(torch, options["dtype"])
+    pairs, lora = shape["pairs"], shape["finetune"] == "lora"
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration._from_config(
+            llava_config(shape), attn_implementation=choose_attn_implementation(device), dtype=dtype)
+    adapter = get_adapter("llava")
+    peft_config, ref_model = None, None
+    if lora:
+        peft_config = LoraConfig(r=shape["lora_r"], lora_alpha=shape["lora_alpha"], lora_dropout=0.05, bias="none",
+                                 target_modules=language_model_linear_names(model, adapter), task_type="CAUSAL_LM")
+    else:
+        freeze_for_full_finetune(model, adapter)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    scratch = tempfile.TemporaryDirectory(prefix="trl-real-")  # its output_dir; nothing is saved there
+    config = DPOConfig(
+        output_dir=scratch.name, report_to="none", per_device_train_batch_size=pairs,
+        learning_rate=LR, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, beta=BETA, loss_type=["sigmoid"],
+        optim="adamw_torch", lr_scheduler_type="constant", max_length=None, disable_dropout=False,
+        gradient_checkpointing=shape["grad_ckpt"], bf16=dtype == torch.bfloat16, fp16=False,
+        use_cpu=device.type == "cpu", dataloader_num_workers=0, save_strategy="no", logging_strategy="no",
+    )
+    record = {"image": [Image.new("RGB", (56, 56))], "prompt": ["<image>\nWhat is in the picture?"],
+              "chosen": ["A red ball."], "rejected": ["A blue cube."]}
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=Dataset.from_dict(record),
+                         processing_class=build_tiny_processor("llava"), peft_config=peft_config)
+    batch = make_batch(shape, device, dtype)
+    rows = rows_of(batch, 0, 2 * pairs)
+    inputs = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
+              "pixel_values": rows["pixel_values"], "completion_mask": (rows["labels"] != IGNORE).long()}
+    collated = trainer.data_collator([dict(trainer.train_dataset[0])])
+    if set(collated) != set(inputs):
+        raise RuntimeError(f"TRL's collator returns {sorted(collated)}, the trl-real inputs have {sorted(inputs)}")
+    if shape["grad_ckpt"]:  # what Trainer.train() does before its loop
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train()'s loop; training_step divides by it
+    model, optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    on_cuda = device.type == "cuda"
+    stats = STATS.setdefault("trl-real", {})
+    stats["scorer"] = f"trl {trl_version()} DPOTrainer.training_step (fused LM head, live reference)"
+
+    def step():
+        trainer.training_step(model, inputs)
+        trainer.accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        trainer._metrics["train"].clear()  # what its logging step does; the lists would grow over the run
+        if on_cuda:
+            stats["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+
+    record_stats("trl-real", shape, batch, model, adapter, trainer.ref_model, trainable, 2 * pairs, [])
+    step.trainer, step.scratch = trainer, scratch  # kept alive with the step, removed with it
+    return step
+
+
 # ----------------------------------------------------------------------------------------------- factory
 def setup(provider: str, shape: dict, mode: str, options: dict):
     """Model, batch, optimizer (and cache) for one provider; returns the one-step callable (see `_harness`)."""
@@ -425,6 +539,8 @@ def setup(provider: str, shape: dict, mode: str, options: dict):
     if provider not in ALL_PROVIDERS:
         raise ValueError(f"provider {provider!r} is not one of {ALL_PROVIDERS}")
     device, dtype = torch.device(options["device"]), getattr(torch, options["dtype"])
+    if provider == "trl-real":  # its own model, trainer and optimizer
+        return trl_real_setup(shape, options)
     model, adapter = get_model(shape, options)
     batch = make_batch(shape, device, dtype)
     pairs = shape["pairs"]
@@ -516,6 +632,14 @@ def setup(provider: str, shape: dict, mode: str, options: dict):
         policy_rows = 2 * pairs
         extra_resident = []
 
+    record_stats(provider, shape, batch, model, adapter, reference_model, trainable, policy_rows, extra_resident)
+    return step
+
+
+def record_stats(provider: str, shape: dict, batch: dict, model, adapter, reference_model, trainable: list,
+                 policy_rows: int, extra_resident: list) -> None:
+    """STATS[provider]: rows, tokens, the LM forwards and their FLOPs, and the resident bytes before a step."""
+    stats = STATS.setdefault(provider, {})
     T = seq_len(shape)
     # Resident before a step (after the first): weights (+ reference copy), AdamW's two moments, the batch.
     weights = list(model.parameters()) + list(model.buffers())
@@ -531,7 +655,6 @@ def setup(provider: str, shape: dict, mode: str, options: dict):
         resident_bytes=_tensor_bytes(weights) + 2 * _tensor_bytes(trainable) + _tensor_bytes(v for v in batch.values() if torch.is_tensor(v))
         + _tensor_bytes(extra_resident),
     )
-    return step
 
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -654,6 +777,36 @@ def shared_report(rows: list[dict], mm_rate: dict) -> list[str]:
     return lines
 
 
+def trl_report(rows: list[dict]) -> list[str]:
+    """ours (and ours-shared) against real TRL and against the trl-dpo imitation: step time and tokens/s.
+
+    Step time compares what the user waits for (mDPO's 3B rows against DPO's 2B); tokens/s counts each
+    provider's own policy rows. Per-round ratios come from the interleaved rounds (the same load).
+    """
+    by = {r["provider"]: r for r in rows if "ms_median" in r}
+    rounds, lines = STATS.get("_rounds", {}), []
+    version = trl_version()
+    for mine in ("ours", "ours-shared"):
+        for base in ("trl-real", "trl-dpo"):
+            if mine not in by or base not in by:
+                continue
+            a, b = by[mine], by[base]
+            text = (f"{mine} vs {base}{f' (trl {version})' if base == 'trl-real' else ''}: step time "
+                    f"{b['ms_median'] / a['ms_median']:.2f}× faster on the medians")
+            if mine in rounds and base in rounds:
+                per = [y / x for x, y in zip(rounds[mine], rounds[base])]
+                text += f" (per round {', '.join(f'{v:.2f}' for v in per)}; median {statistics.median(per):.2f}×)"
+            if a.get("tokens_per_s") and b.get("tokens_per_s"):
+                text += f"; tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}× ({a['policy_rows']} vs {b['policy_rows']} policy rows)"
+            if a.get("peak_mem_bytes") and b.get("peak_mem_bytes"):
+                text += f"; peak extra memory {a['peak_mem_bytes'] / b['peak_mem_bytes']:.2f}×"
+            lines.append(text)
+    if "trl-real" in by and "trl-dpo" in by:
+        lines.append(f"trl-dpo (imitation) vs trl-real: step time {by['trl-real']['ms_median'] / by['trl-dpo']['ms_median']:.2f}× "
+                     "(> 1: the imitation is faster than real TRL)")
+    return lines
+
+
 def interleaved_table(rows: list[dict]) -> str:
     gib = lambda b: "—" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
     header = ["provider", "LM forwards (rows × L, grad)", "LM tokens/step", "median s", "p20–p80 s", "min–max s",
@@ -738,12 +891,15 @@ def main(argv=None) -> list[dict]:
         f"{dtype}; gradient checkpointing {'on' if shape['grad_ckpt'] else 'off'}",
         f"batch: {shape['pairs']} pair(s) → rows of T = {T} tokens ({n_img} image + {shape['prompt_tokens']} prompt incl. BOS + "
         f"{shape['response_tokens']} response y_w, {rejected_tokens(shape)} y_l, only the responses supervised); policy rows: 3B = {3 * shape['pairs']} "
-        f"(ours, ours-live, paper), 2B = {2 * shape['pairs']} (trl-dpo)",
+        f"(ours, ours-live, paper), 2B = {2 * shape['pairs']} (trl-dpo, trl-real)",
         f"ours: {scorer_source}; fused LM head's log-softmax through impl '{dispatch.resolve_impl(torch.device(device))}'",
         "step = forward(s) + loss + backward + clip_grad_norm_(1.0) + AdamW step; reference cache (ours) built in setup",
         "peak extra: above weights + optimizer state + batch (CPU: each provider in its own process); peak total: "
         + ("CUDA allocator peak of one step" if dev_type == "cuda" else "counted resident bytes + measured extra"),
     ]
+    if "trl-real" in providers:
+        notes.append(f"trl-real: TRL {trl_version() or '(not installed)'} DPOTrainer.training_step + clip + its AdamW step; "
+                     "LoRA by TRL through peft_config, reference = adapters off, fused LM head, dropout kept")
     for note in notes:
         print("#", note, flush=True)
 
@@ -761,7 +917,7 @@ def main(argv=None) -> list[dict]:
                      "each; median, 20/80 % and min–max; the bare torch.mm probe once per round")
         rows, mm_rate = run_interleaved(spec, shape, args.interleave, measure_memory=not args.no_memory)
         annotate(rows, dev_type)
-        targets = shared_report(rows, mm_rate)
+        targets = shared_report(rows, mm_rate) + trl_report(rows)
         paths = H.write_reports(rows, "train_step", tag, notes=notes + ["target: " + t for t in targets],
                                 results_dir=args.results_dir)
         with open(paths["md"], "a") as md:

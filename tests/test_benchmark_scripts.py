@@ -62,3 +62,65 @@ def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
     assert proc.returncode == 2
     assert "no CUDA GPU visible" in proc.stderr
     assert not (tmp_path / "out" / "tests.log").exists()
+
+
+# ---- train_step's trl-real provider (TRL's own DPOTrainer; issue 13) ----
+# A model with the benchmark's layout but toy widths: the provider's setup and one step run in seconds.
+TOY_SHAPE = dict(hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=512, vision_hidden=32, vision_intermediate=64,
+                 vision_heads=4, patch=14, text_layers=1, vision_layers=1, pairs=1, prompt_tokens=4, response_tokens=6,
+                 rejected_tokens=3, image_size=28, finetune="lora", lora_r=4, lora_alpha=8, grad_ckpt=False)
+CPU_FP32 = {"device": "cpu", "dtype": "float32"}
+
+
+def test_trl_real_is_a_provider_and_a_baseline_with_trls_token_count():
+    from benchmarks import train_step
+
+    assert "trl-real" in train_step.ALL_PROVIDERS and "trl-real" in train_step.BASELINES
+    batch = train_step.make_batch(TOY_SHAPE, torch.device("cpu"), torch.float32)
+    forwards = train_step.lm_forwards("trl-real", TOY_SHAPE, batch)
+    # TRL's fused head scores the completion tokens of [chosen | rejected] only: 6 + 3, in the policy and the reference
+    assert [(f["rows"], f["grad"], f["head"]) for f in forwards] == [(2, True, 9), (2, False, 9)]
+
+
+def test_trl_real_without_trl_says_how_to_install_it(monkeypatch):
+    from benchmarks import train_step
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
+    assert train_step.trl_version() is None
+    with pytest.raises(RuntimeError, match="pip install trl"):
+        train_step.trl_real_setup(TOY_SHAPE, CPU_FP32)
+
+
+@pytest.fixture
+def trl_process_state():
+    """TRL's trainer seeds every RNG, sets environment variables and initialises accelerate's
+    process-wide state: undo all three afterwards, so the tests after this one see what they would alone."""
+    import random
+
+    import numpy as np
+
+    pytest.importorskip("trl")
+    env = dict(os.environ)
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    random.setstate(states[0]), np.random.set_state(states[1]), torch.random.set_rng_state(states[2])
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def test_trl_real_step_trains_only_the_language_models_lora_through_trl(trl_process_state):
+    from benchmarks import train_step
+
+    step = train_step.trl_real_setup(TOY_SHAPE, CPU_FP32)
+    trainer = step.trainer
+    assert type(trainer).__name__ == "DPOTrainer" and trainer.ref_model is None  # reference = adapters off
+    lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert lora_b and all(".language_model." in n and "lora_" in n for n in trainable)
+    step()
+    moved = [n for n, p in trainer.model.named_parameters() if n in lora_b and not torch.equal(p, lora_b[n])]
+    assert sorted(moved) == sorted(lora_b)  # one real optimizer step moved every LoRA B matrix (zero at init)
+    assert train_step.STATS["trl-real"]["policy_rows"] == 2
