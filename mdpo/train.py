@@ -199,7 +199,7 @@ def _train(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if not Path(cfg.data.path).exists():  # a file, or a `datasets` save_to_disk folder
-        raise ConfigError(f"data.path={cfg.data.path}: no such dataset file (make one with `mdpo-data make-sample DIR`)")
+        raise ConfigError(f"data.path={cfg.data.path}: no such dataset file or folder (`mdpo-data make-sample DIR` writes DIR/data.json, and with --scenes the main job's DIR/scenes/)")
     if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).exists():
         raise ConfigError(f"data.eval_path={cfg.data.eval_path}: no such file of held-out records "
                           "(`mdpo-data make-sample DIR` writes DIR/eval.json)")
