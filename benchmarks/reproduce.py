@@ -378,7 +378,7 @@ def run(scale: Scale, seed: int, work: Path, out_dir: Path, stem: str, jobs: int
     # 1. scenes; the test split is written (and so fixed) before any model exists
     scenes.write_split(work, "sft", {"train": scale.sft_scenes}, seed=seed)
     pool_path = scenes.write_split(work, "pool", {"train": scale.pool_scenes}, seed=seed)
-    test_path = scenes.write_split(work, "test", scale.test_counts, seed=seed)
+    scenes.write_split(work, "test", scale.test_counts, seed=seed)  # read back by path at evaluation
     log(f"[{time.perf_counter() - started:6.0f} s] scenes written: {work}")
     # 2. SFT through mdpo-train's normal model.path. Learning to see is a jump that a random start may
     # not make within the budget (the loss sits on the prior's plateau): an SFT model that does not use

@@ -26,7 +26,6 @@ from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_di
 from .errors import MdpoError, TrainingOutOfMemoryError
 from .loss import get_objective
 from .optim import make_optimizer
-from .reference_cache import StaleCacheError
 from .reference_pass import prepare_reference_cache, reference_cache_paths, run_fingerprint
 from .scoring import SequenceScorer, move_batch, reference_logps
 
