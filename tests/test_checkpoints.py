@@ -13,22 +13,19 @@ import torch
 
 from mdpo.checkpoints import CheckpointError, complete_checkpoints, load_file, read_position, rng_state, set_rng_state
 from mdpo.config import load_config
-from mdpo.data import make_sample
+from tiny_runs import sample_records, tiny_run_overrides
 from mdpo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample")
-    make_sample(out, n=16, seed=3, n_eval=0)
-    return out / "data.json"
+    return sample_records(tmp_path_factory, n=16, seed=3)
 
 
 def _overrides(sample, out, *extra):
-    return [f"data.path={sample}", f"output_dir={out}", "model.preset=tiny-llava", "micro_batch_size=2",
-            "effective_batch_size=4", "epochs=2", "lr=1e-3", "model.lora_r=4", "model.lora_alpha=8", "progress_bar=false",
-            "tensorboard=false", "plots=false", "data.max_length=256", "model.dtype=float32", *extra]
+    return tiny_run_overrides(sample, out, "effective_batch_size=4", "epochs=2", "lr=1e-3", "model.lora_r=4",
+                              "model.lora_alpha=8", "model.dtype=float32", *extra)
 
 
 def _losses(out):

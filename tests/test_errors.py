@@ -5,23 +5,20 @@ import json
 import pytest
 import torch
 
-from mdpo.data import make_sample
 from mdpo.errors import MdpoError, ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from mdpo.models import save_preset
+from tiny_runs import sample_records, tiny_run_overrides
 from mdpo.train import main
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample")
-    make_sample(out, n=8, seed=4, n_eval=0)
-    return out / "data.json"
+    return sample_records(tmp_path_factory, n=8, seed=4)
 
 
 def _args(sample, out, *extra):
-    return [f"data.path={sample}", f"output_dir={out}", "model.preset=tiny-llava", "micro_batch_size=2",
-            "effective_batch_size=4", "epochs=1", "max_steps=1", "model.lora_r=4", "model.lora_alpha=8",
-            "progress_bar=false", "report_to=none", "plots=false", "data.max_length=256", "model.dtype=float32", *extra]
+    return tiny_run_overrides(sample, out, "effective_batch_size=4", "epochs=1", "max_steps=1", "model.lora_r=4",
+                              "model.lora_alpha=8", "model.dtype=float32", *extra)
 
 
 def _one_error_line(capsys) -> str:

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mdpo.config import load_config
-from mdpo.data import make_sample
 from mdpo.models import build_preset, freeze_for_full_finetune
 from mdpo.optim import MasterWeightAdamW, make_optimizer
+from tiny_runs import sample_records, tiny_run_overrides
 from mdpo.train import train
 
 SEED = 42
@@ -15,16 +15,13 @@ SEED = 42
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample")
-    make_sample(out, n=8, seed=5, n_eval=0)
-    return out / "data.json"
+    return sample_records(tmp_path_factory, n=8, seed=5)
 
 
 def _run(sample, out, *extra):
-    overrides = [f"data.path={sample}", f"output_dir={out}", "model.preset=tiny-llava", "model.finetune=full",
-                 "model.dtype=bfloat16", "lr=1e-5", "warmup_ratio=0", "max_steps=3", "micro_batch_size=2",
-                 "effective_batch_size=2", "epochs=1", f"seed={SEED}", "progress_bar=false", "report_to=none",
-                 "plots=false", "data.max_length=256", *extra]
+    overrides = tiny_run_overrides(sample, out, "model.finetune=full", "model.dtype=bfloat16", "lr=1e-5",
+                                   "warmup_ratio=0", "max_steps=3", "effective_batch_size=2", "epochs=1",
+                                   f"seed={SEED}", *extra)
     return train(load_config(None, overrides))
 
 
