@@ -2,13 +2,21 @@
 process's RNG state, and loading them back (`resume_from`, `mdpo-eval`).
 
 A checkpoint `<output_dir>/checkpoints/step-NNNNNN/` holds
-    trainable.pt   the trained parameters by name (LoRA A/B matrices, or the language model for full
-                   fine-tuning): the one copy of the weights (the peft-format adapter is `final/`)
-    state.pt       optimizer and scheduler state dicts, the loop position, the number of processes
+    state.pt       scheduler state, the loop position, the number of processes, the engine (and, for
+                   ddp, the optimizer state)
     rng-K.pt       process K's RNG states (python, numpy, torch, cuda) as tensors and plain values
     config.json    the run's configuration
-Every file is plain tensors and containers: they are all read with `torch.load(weights_only=True)`,
-so a checkpoint someone shares cannot run code; one holding anything else is refused, naming the file.
+and the trained weights with their optimizer state in the engine's own format
+(`mdpo.distributed`):
+    trainable.pt   ddp: the trained parameters by name (LoRA A/B matrices, or the language model for
+                   full fine-tuning): the one copy of the weights (the peft-format adapter is `final/`)
+    dcp/           fsdp2: a torch distributed checkpoint (sharded; reshards when loaded by another
+                   number of processes, or whole by one process)
+    deepspeed/     zero2 / zero3: DeepSpeed's save_checkpoint (same number of processes to resume)
+Every file is read with `torch.load(weights_only=True)` or a loader as strict (DCP's pickled
+metadata through an unpickler that knows only DCP's own classes; DeepSpeed's files checked with
+weights_only=True and DeepSpeed's own classes before DeepSpeed reads them), so a checkpoint someone
+shares cannot run code; one holding anything else is refused, naming the file.
 
 Writing is atomic: the files go to `checkpoints/.tmp-step-NNNNNN/` (every process its rng-K.pt), and
 after all processes have written, the main process renames the folder to `step-NNNNNN`. A run killed
@@ -30,7 +38,8 @@ from .config import ConfigError, TrainConfig, to_dict
 
 STEP_DIR = re.compile(r"step-(\d+)")
 TMP_PREFIX = ".tmp-"
-REQUIRED_FILES = ("trainable.pt", "state.pt", "config.json", "rng-0.pt")
+REQUIRED_FILES = ("state.pt", "config.json", "rng-0.pt")
+WEIGHT_FILES = ("trainable.pt", "dcp/.metadata", "deepspeed")  # one of them, by engine (ddp, fsdp2, zero2/3)
 
 
 class CheckpointError(ConfigError):
@@ -112,7 +121,8 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     found = []
     for path in root.iterdir() if root.is_dir() else ():
         match = STEP_DIR.fullmatch(path.name)
-        if match and path.is_dir() and all((path / name).is_file() for name in REQUIRED_FILES):
+        if (match and path.is_dir() and all((path / name).is_file() for name in REQUIRED_FILES)
+                and any((path / name).exists() for name in WEIGHT_FILES)):
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
@@ -132,34 +142,34 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
     return path
 
 
-def save_checkpoint(out: Path, accelerator, scorer, optimizer, scheduler, position: dict, cfg: TrainConfig,
+def save_checkpoint(out: Path, engine, module, optimizer, scheduler, position: dict, cfg: TrainConfig,
                     keep: Path | None = None) -> Path:
     """Write `checkpoints/step-N/` atomically (see the module docstring); every process calls it.
 
-    keep: a checkpoint `save_total_limit` must not delete (the one this run resumed from).
-    Costs one copy of the trainable parameters and optimizer state to host memory and disk.
+    engine: the run's `mdpo.distributed.Engine` (it writes the weights and optimizer state in its own
+    format); keep: a checkpoint `save_total_limit` must not delete (the one this run resumed from).
     """
     root = checkpoints_dir(out)
     name = f"step-{position['global_step']:06d}"
     final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
-    model = accelerator.unwrap_model(scorer).model
-    if accelerator.is_main_process:
+    if engine.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier interrupted save of this step
         tmp.mkdir(parents=True)
-        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        _save_file(trainable, tmp / "trainable.pt")
-        _save_file({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "position": dict(position),
-                    "processes": accelerator.num_processes}, tmp / "state.pt")
+    engine.barrier()
+    extra = engine.save(tmp, module, optimizer)
+    if engine.is_main:
+        _save_file({**extra, "scheduler": scheduler.state_dict(), "position": dict(position), "processes": engine.world,
+                    "engine": engine.name}, tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
-    accelerator.wait_for_everyone()
-    _save_file(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    engine.barrier()
+    _save_file(rng_state(), tmp / f"rng-{engine.rank}.pt")
+    engine.barrier()
+    if engine.is_main:
         _publish(tmp, final)
         limit = getattr(cfg, "save_total_limit", 0) or 0
         if limit > 0:
             prune_checkpoints(out, limit, keep=[final] + ([keep] if keep is not None else []))
-    accelerator.wait_for_everyone()
+    engine.barrier()
     return final
 
 
@@ -176,13 +186,27 @@ def prune_checkpoints(out: Path, limit: int, keep: list[Path]) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- load
+def checkpoint_engine(ckpt: Path) -> str:
+    """The engine that wrote a checkpoint (state.pt's "engine"; checkpoints from before engines: ddp)."""
+    return str(load_file(ckpt / "state.pt", mmap=True).get("engine", "ddp"))
+
+
 def load_trainable(model: torch.nn.Module, ckpt: Path, key: str) -> None:
-    """Copy a checkpoint's trained parameters (trainable.pt, by name) into `model`; `key` names the
+    """Copy a checkpoint's trained parameters (by name) into `model`, whatever engine wrote them
+    (ddp: trainable.pt; fsdp2 / zero: whole tensors put together from the shards); `key` names the
     setting that pointed at the checkpoint, for the error messages."""
-    if not (ckpt / "state.pt").is_file() or not (ckpt / "trainable.pt").is_file():
-        raise ConfigError(f"{key}={ckpt}: not a checkpoint folder (no state.pt / trainable.pt)")
-    trainable = load_file(ckpt / "trainable.pt")
+    if not (ckpt / "state.pt").is_file():
+        raise ConfigError(f"{key}={ckpt}: not a checkpoint folder (no state.pt)")
+    engine = checkpoint_engine(ckpt)
     params = dict(model.named_parameters())
+    if engine == "ddp":
+        if not (ckpt / "trainable.pt").is_file():
+            raise ConfigError(f"{key}={ckpt}: not a checkpoint folder (no trainable.pt)")
+        trainable = load_file(ckpt / "trainable.pt")
+    else:
+        from .distributed import read_trained_weights
+
+        trainable = read_trained_weights(ckpt, engine, {n: p for n, p in params.items() if p.requires_grad})
     missing = sorted(set(trainable) - set(params))
     if missing:
         raise ConfigError(f"{key}={ckpt}: checkpoint parameters not in this model, e.g. {missing[:3]}")
@@ -196,24 +220,29 @@ def read_position(ckpt: Path) -> dict:
     return load_file(ckpt / "state.pt", mmap=True)["position"]
 
 
-def load_checkpoint(ckpt: Path, accelerator, scorer, optimizer, scheduler, seed: int = 0) -> dict:
+def load_checkpoint(ckpt: Path, engine, module, optimizer, scheduler, seed: int = 0) -> dict:
     """Restore parameters, optimizer, scheduler and this process's RNG; -> the loop position.
 
-    With more processes than the checkpoint was saved from, a process without an rng-K.pt gets RNG
-    states seeded from (seed, step, K) — deterministic, but not what an unchanged run would draw —
-    and a note is printed; with fewer, the extra rng files are unused.
+    engine: the run's `mdpo.distributed.Engine`; a checkpoint another engine wrote is refused (their
+    formats differ). With more processes than the checkpoint was saved from, a process without an
+    rng-K.pt gets RNG states seeded from (seed, step, K) — deterministic, but not what an unchanged run
+    would draw — and a note is printed; with fewer, the extra rng files are unused.
     """
-    load_trainable(accelerator.unwrap_model(scorer).model, ckpt, "resume_from")
     state = load_file(ckpt / "state.pt")
-    optimizer.load_state_dict(state["optimizer"])
+    saved_engine = str(state.get("engine", "ddp"))
+    if saved_engine != engine.name:
+        raise CheckpointError(f"resume_from={ckpt}: written with distributed.engine={saved_engine}, this run uses "
+                              f"{engine.name}; resume with distributed.engine={saved_engine} (start a new run from its "
+                              "final/ weights to change engines)")
+    engine.load(ckpt, module, optimizer, state)
     scheduler.load_state_dict(state["scheduler"])
     position = state["position"]
     saved = int(state.get("processes", 1))
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = engine.rank, engine.world
     if saved != world:
-        accelerator.print(f"note: resume_from={ckpt} was saved by {saved} process(es), this run has {world}; "
-                          + (f"processes {saved}..{world - 1} start from RNG states derived from (seed, step, process)"
-                             if world > saved else "the RNG states of the others are unused"))
+        engine.print(f"note: resume_from={ckpt} was saved by {saved} process(es), this run has {world}; "
+                     + (f"processes {saved}..{world - 1} start from RNG states derived from (seed, step, process)"
+                        if world > saved else "the RNG states of the others are unused"))
     rng_path = ckpt / f"rng-{rank}.pt"
     if rank < saved or rng_path.is_file():
         set_rng_state(load_file(rng_path))

@@ -74,6 +74,14 @@ class ReferenceConfig:
 
 
 @dataclass
+class DistributedConfig:
+    engine: str = "ddp"  # ddp (every process holds the whole model) | fsdp2 (torch fully_shard: weights, gradients and optimizer state sharded) | zero2 (DeepSpeed ZeRO-2: gradients and optimizer state sharded) | zero3 (DeepSpeed ZeRO-3: weights too); launch with torchrun --nproc_per_node N -m mdpo.train CONFIG
+    reshard_after_forward: bool = True  # fsdp2: free each layer's gathered weights after its forward and gather again in the backward (least memory); false keeps them until the backward (less communication)
+    offload: str = "none"  # none | optimizer (zero2 / zero3: optimizer state in CPU memory) | all (zero3: weights too; fsdp2: weights, gradients and optimizer state in CPU memory)
+    deepspeed_config: str | None = None  # zero2 / zero3: a DeepSpeed JSON file merged under mdpo's own settings (e.g. communication bucket sizes); keys mdpo sets itself must agree with the run (batch sizes, accumulation, clipping, precision)
+
+
+@dataclass
 class TrainConfig:
     objective: str = "mdpo"  # mdpo | dpo | dpo_no_image | mdpo_no_conditional | mdpo_no_anchor | sft (chosen answers only, no reference)
     output_dir: str = "outputs/mdpo"  # metrics, checkpoints, plots and final weights are written here
@@ -101,6 +109,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _type_name(tp) -> str:
@@ -229,6 +238,8 @@ def validate(config: TrainConfig) -> None:
         "model.dtype": (config.model.dtype, ["auto", "float32", "bfloat16", "float16"]),
         "reference.mode": (config.reference.mode, ["cached", "live"]),
         "report_to": (config.report_to, ["tensorboard", "wandb", "none"]),
+        "distributed.engine": (config.distributed.engine, ["ddp", "fsdp2", "zero2", "zero3"]),
+        "distributed.offload": (config.distributed.offload, ["none", "optimizer", "all"]),
     }
     if isinstance(config.model.shared_prefix, bool):  # YAML 1.1 reads a bare on / off as true / false
         config.model.shared_prefix = "on" if config.model.shared_prefix else "off"
@@ -276,6 +287,18 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"effective_batch_size={config.effective_batch_size} must be a multiple of micro_batch_size={config.micro_batch_size}"
         )
+    engine, offload = config.distributed.engine, config.distributed.offload
+    if offload == "optimizer" and engine not in ("zero2", "zero3"):
+        raise ConfigError(f"distributed.offload=optimizer needs distributed.engine zero2 or zero3 (now {engine}); "
+                          "fsdp2 offloads weights, gradients and optimizer state together (offload: all)")
+    if offload == "all" and engine not in ("fsdp2", "zero3"):
+        raise ConfigError(f"distributed.offload=all needs distributed.engine fsdp2 or zero3 (now {engine}): "
+                          "only they shard the weights")
+    if config.save_merged and engine in ("fsdp2", "zero3"):
+        raise ConfigError(f"save_merged=true needs the whole model in one process, which distributed.engine={engine} never "
+                          "holds: merge the final/ adapter afterwards (README: Scale) or train with ddp / zero2")
+    if config.distributed.deepspeed_config is not None and engine not in ("zero2", "zero3"):
+        raise ConfigError(f"distributed.deepspeed_config is read by the DeepSpeed engines only (zero2, zero3); now engine={engine}")
     low, high = config.data.crop_area
     if not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_area={config.data.crop_area} must satisfy 0 < low ≤ high ≤ 1")

@@ -36,6 +36,7 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    equal_forwards: bool = False,
 ) -> dict[str, float]:
     """-> {metric: mean over the held-out pairs, ..., "pairs": number of pairs}.
 
@@ -43,7 +44,9 @@ def evaluate(
     criterion: the `MDPOLoss` of the run. records/collator: the held-out records and a collator of
     their own (its epoch is set to EVAL_CORRUPTION_EPOCH). reference: a `ReferenceCache` holding these
     records, or None for live reference log-probs (adapters disabled, or `reference_model`).
-    With several processes each scores records[rank::world] and `reduce_sum` sums a tensor over them.
+    With several processes each scores records[rank::world] and `reduce_sum` sums a tensor over them;
+    equal_forwards: every process runs as many forwards as the busiest one (a sharding engine's
+    forwards are collectives), the extra ones on a held-out record whose results are dropped.
     One host sync at the end.
     """
     if len(records) < world:
@@ -52,10 +55,18 @@ def evaluate(
     scorer.eval()
     collator.set_epoch(EVAL_CORRUPTION_EPOCH)
     mine = list(records)[rank::world]
+    busiest = -(-len(records) // world)  # records of the process with the most
+    n_forwards = -(-(busiest if equal_forwards else len(mine)) // micro_batch_size)
     keys, sums = None, None
     try:
-        for start in range(0, len(mine), micro_batch_size):
-            chunk = mine[start : start + micro_batch_size]
+        for i in range(n_forwards):
+            chunk = mine[i * micro_batch_size : (i + 1) * micro_batch_size]
+            if not chunk:  # padding: a forward the other processes need; its results are dropped
+                batch = move_batch(collator(list(records[:1])), device)
+                if reference is None:
+                    reference_logps(scorer, batch, reference_model)
+                scorer(batch)
+                continue
             batch = move_batch(collator(chunk), device)
             if reference is not None:
                 ref = reference.lookup([r.sample_id for r in chunk], EVAL_CORRUPTION_EPOCH).to(device)

@@ -98,7 +98,8 @@ def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epoch
 
 @torch.no_grad()
 def compute_reference_cache(scorer, records, collator, fingerprint, n_corruption_epochs, micro, device, reference_model, show_bar,
-                            needed: dict[int, Sequence[int]] | None = None, pairs: Sequence[int] | None = None) -> ReferenceCache:
+                            needed: dict[int, Sequence[int]] | None = None, pairs: Sequence[int] | None = None,
+                            min_forwards: int = 0) -> ReferenceCache:
     """One forward-only pass: ρ of records' chosen and rejected rows once, and of their corrupted row
     once per corruption epoch — 2 + E row forwards per record, not 3·E.
 
@@ -106,6 +107,8 @@ def compute_reference_cache(scorer, records, collator, fingerprint, n_corruption
     record at every one of the `n_corruption_epochs`. pairs: indices whose chosen and rejected rows
     to score; default the union of `needed`. Forwards hold at most 3·micro rows (a training
     micro-batch's rows): ⌈1.5·micro⌉ records of [chosen | rejected], 3·micro records of [corrupted].
+    min_forwards: run at least this many forwards, the extra ones on records[0] with their results
+    dropped (a sharding engine needs the same number of forwards on every process; `forward_count`).
     """
     from tqdm.auto import tqdm
 
@@ -118,22 +121,33 @@ def compute_reference_cache(scorer, records, collator, fingerprint, n_corruption
     pair_chunk, corrupted_chunk = max(1, (3 * micro + 1) // 2), 3 * micro
     chunks = [(None, pairs[s : s + pair_chunk]) for s in range(0, len(pairs), pair_chunk)]
     chunks += [(e, idx[s : s + corrupted_chunk]) for e, idx in sorted(needed.items()) for s in range(0, len(idx), corrupted_chunk)]
+    chunks += [("pad", [0])] * max(0, min_forwards - len(chunks))
     chosen, rejected, pair_held = torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool)
     corrupted = torch.zeros(n_corruption_epochs, n) if has_corrupted else None
     corrupted_held = torch.zeros(n_corruption_epochs, n, dtype=torch.bool) if has_corrupted else None
     with tqdm(total=len(chunks), desc="reference log-probs", disable=not show_bar) as bar:
         for epoch, chunk in chunks:
-            collator.set_epoch(0 if epoch is None else epoch)
-            branches = ("chosen", "rejected") if epoch is None else ("corrupted",)
+            collator.set_epoch(0 if epoch in (None, "pad") else epoch)
+            branches = ("chosen", "rejected") if epoch in (None, "pad") else ("corrupted",)
             batch = move_batch(collator([records[i] for i in chunk], branches=branches), device)
             logps = reference_logps(scorer, batch, reference_model).float().cpu()
             idx, b = torch.tensor(chunk, dtype=torch.long), len(chunk)
-            if epoch is None:
+            if epoch == "pad":  # a forward only the other processes needed: nothing is kept
+                pass
+            elif epoch is None:
                 chosen[idx], rejected[idx], pair_held[idx] = logps[:b], logps[b : 2 * b], True
             else:
                 corrupted[epoch, idx], corrupted_held[epoch, idx] = logps, True
             bar.update(1)
     return ReferenceCache(fingerprint, ids, chosen, rejected, corrupted, pair_held, corrupted_held)
+
+
+def forward_count(pairs: Sequence[int], corrupted: dict[int, Sequence[int]], micro: int, rank: int, world: int) -> int:
+    """Forwards `compute_reference_cache` runs on process `rank` for its [rank::world] share of the
+    missing entries (the same chunking)."""
+    pair_chunk, corrupted_chunk = max(1, (3 * micro + 1) // 2), 3 * micro
+    mine = -(-len(pairs[rank::world]) // pair_chunk)
+    return mine + sum(-(-len(idx[rank::world]) // corrupted_chunk) for idx in corrupted.values() if len(idx[rank::world]))
 
 
 def missing_entries(cache: ReferenceCache | None, records, needed: dict[int, Sequence[int]], has_corrupted: bool):
@@ -157,7 +171,7 @@ def reference_cache_paths(cfg: TrainConfig) -> tuple[Path, Path]:
     return train_path, train_path.with_name(f"{train_path.stem}-eval{train_path.suffix}")
 
 
-def prepare_reference_cache(path: Path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model,
+def prepare_reference_cache(path: Path, cfg, engine, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model,
                             needed: dict[int, Sequence[int]] | None = None):
     """The cache at `path` holding every entry this run reads: loaded if it holds them all, else the
     missing entries are computed, added to it and saved there (a later, longer run extends the cache
@@ -166,7 +180,9 @@ def prepare_reference_cache(path: Path, cfg, accelerator, scorer, records, colla
     needed: {corruption epoch: indices into `records` the run trains on in it} (see
     `mdpo.train.reached_entries`); default every record at every corruption epoch. Every process
     computes its share [rank::world] of the missing entries and writes it beside `path`; the main
-    process merges the parts into `path`; then every process loads it.
+    process merges the parts into `path`; then every process loads it. engine: the run's
+    `mdpo.distributed.Engine`; when it shards weights, every process runs as many forwards as the
+    busiest one.
     """
     if needed is None:
         needed = {e: range(len(records)) for e in range(n_corruption_epochs)}
@@ -174,15 +190,17 @@ def prepare_reference_cache(path: Path, cfg, accelerator, scorer, records, colla
     cached = ReferenceCache.load(path, fingerprint) if path.exists() else None  # StaleCacheError listing what differs
     pairs, corrupted = missing_entries(cached, records, needed, has_corrupted)
     if not pairs and not corrupted:
-        accelerator.print(f"reference log-probs: reusing {path}")
+        engine.print(f"reference log-probs: reusing {path}")
         return cached
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = engine.rank, engine.world
     scorer.eval()  # dropout off: ρ is the frozen model's
     start = time.perf_counter()
+    busiest = max(forward_count(pairs, corrupted, cfg.micro_batch_size, r, world) for r in range(world))
     part = compute_reference_cache(
-        accelerator.unwrap_model(scorer), records, collator, fingerprint, n_corruption_epochs,
-        cfg.micro_batch_size, accelerator.device, reference_model, cfg.progress_bar and accelerator.is_main_process,
+        engine.unwrap(scorer), records, collator, fingerprint, n_corruption_epochs,
+        cfg.micro_batch_size, engine.device, reference_model, cfg.progress_bar and engine.is_main,
         needed={e: idx[rank::world] for e, idx in corrupted.items()}, pairs=pairs[rank::world],
+        min_forwards=busiest if engine.shards_weights else 0,
     )
     scorer.train()
     part_paths = [path.with_name(f"{path.name}.part{r}-of-{world}") for r in range(world)]
@@ -190,16 +208,16 @@ def prepare_reference_cache(path: Path, cfg, accelerator, scorer, records, colla
         ReferenceCache.merge([c for c in (cached, part) if c is not None]).save(path)
     else:
         part.save(part_paths[rank])
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        engine.barrier()
+        if engine.is_main:
             parts = [ReferenceCache.load(p, fingerprint) for p in part_paths]
             ReferenceCache.merge([c for c in (cached, *parts) if c is not None]).save(path)
             for p in part_paths:
                 p.unlink()
-    accelerator.wait_for_everyone()
+    engine.barrier()
     n_new = len(pairs) + sum(len(idx) for idx in corrupted.values())
     kept = "" if cached is None else f" (added to the {cached.n_entries} it held)"
-    accelerator.print(f"reference log-probs: {n_new} entries ({len(pairs)} chosen+rejected pairs, "
+    engine.print(f"reference log-probs: {n_new} entries ({len(pairs)} chosen+rejected pairs, "
                       f"{n_new - len(pairs)} corrupted rows) computed in {time.perf_counter() - start:.1f} s over {world} "
                       f"process(es){kept} -> {path}")
     return ReferenceCache.load(path, fingerprint)

@@ -117,16 +117,17 @@ class _PackedRow:
         return sum(b - a for _, a, b in self.segments)
 
 
-def scoring_inputs(model, adapter, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def scoring_inputs(model, adapter, batch: Mapping[str, Any], single_forward: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Hidden states and labels of every row of `batch`, from the shared-prefix forward.
 
     batch: the collator's dict (rows [chosen | rejected | corrupted], right padding, `num_pairs`).
     Returns (hidden (R, M, H), labels (R, M)) with M = the longest response: hidden[r, s] is the
     state that predicts labels[r, s] (score with shift=False) — the same states, row for row, as
     the unshared forward's; or None when the batch does not have the collator's layout (the caller
-    runs the unshared forward).
+    runs the unshared forward). single_forward: the packed rows always go through the model in one
+    forward (see `SequenceScorer`), never split by length.
     """
-    plan = _plan(model, adapter, batch)
+    plan = _plan(model, adapter, batch, single_forward)
     if plan is None:
         return None
     inputs, rows, prompt, length, groups, pixel_rows = plan
@@ -176,7 +177,7 @@ def packed_token_counts(batch: Mapping[str, Any], model=None, adapter=None) -> t
     return rows * cols, shared
 
 
-def _plan(model, adapter, batch):
+def _plan(model, adapter, batch, single_forward: bool = False):
     """(inputs, packed rows, prompt lengths, row lengths, forward groups, pixel slices), or None if the batch
     does not have the collator's layout."""
     pairs = batch.get("num_pairs")
@@ -238,7 +239,7 @@ def _plan(model, adapter, batch):
         lengths = [row.length for row in rows]
         together = len(rows) * max(lengths)
         apart = sum(len(g) * max(lengths[j] for j in g) for g in groups)
-        if apart >= together or not SEPARATE_FORWARDS:
+        if apart >= together or not SEPARATE_FORWARDS or single_forward:
             groups = [paired + single]
     return inputs, rows, prompt, length, groups, pixel_rows
 

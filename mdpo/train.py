@@ -1,6 +1,9 @@
-"""mDPO training: `mdpo-train CONFIG.yaml [key=value ...]` or `accelerate launch -m mdpo.train ...`.
+"""mDPO training: `mdpo-train CONFIG.yaml [key=value ...]`, or on several processes
+`torchrun --nproc_per_node N -m mdpo.train CONFIG.yaml distributed.engine=ddp|fsdp2|zero2|zero3 ...`
+(`accelerate launch -m mdpo.train ...` and `deepspeed -m mdpo.train ...` work too).
 
-One readable file: setup -> reference pass -> train -> save. Each micro-batch is ONE policy forward
+One readable recipe: `setup` (engine, data, model, reference pass, resume) -> `train_loop` -> `finish`
+(final weights, plots, summary); everything engine-specific is in `mdpo.distributed`. Each micro-batch is ONE policy forward
 over its 3B rows [chosen | rejected | corrupted]; the language model's last hidden states go through
 the fused LM head (`linear_sequence_logprobs`), so only response tokens reach the vocabulary and no
 logits are built; the reference log-probs come from a cache computed once before training
@@ -15,7 +18,9 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +28,7 @@ from .checkpoints import checkpoints_dir, load_checkpoint, resolve_resume, save_
 from .components import (build_model, check_report_to, load_processor, make_collator, make_corruption, make_criterion,
                          make_metrics_writer, out_of_memory_message, read_records, seed_everything)
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
+from .distributed import Engine, describe, make_engine
 from .errors import MdpoError, TrainingOutOfMemoryError
 from .loss import get_objective
 from .optim import make_optimizer
@@ -96,7 +102,7 @@ def collated_batches(index_lists: list[list[int]], records, collator, num_worker
                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(0)))
 
 
-def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelerator, train_ids: set[str]):
+def load_eval_records(cfg: TrainConfig, loaded, corruption, engine, train_ids: set[str]):
     """(held-out records, their own collator) from data.eval_path, or ([], None) without one.
 
     Read like the training records (same image_root, bad-record policy and max_length). Ids shared
@@ -106,13 +112,13 @@ def load_eval_records(cfg: TrainConfig, loaded, corruption, world: int, accelera
         return [], None
     result = read_records(cfg, cfg.data.eval_path, loaded, what="data.eval_path")
     for index, sample_id, reason in result.skipped:
-        accelerator.print(f"skipped held-out record {index} (id {sample_id}): {reason}")
+        engine.print(f"skipped held-out record {index} (id {sample_id}): {reason}")
     records = result.records
-    if len(records) < world:
-        raise ConfigError(f"data.eval_path={cfg.data.eval_path}: {len(records)} usable record(s), fewer than the {world} processes")
+    if len(records) < engine.world:
+        raise ConfigError(f"data.eval_path={cfg.data.eval_path}: {len(records)} usable record(s), fewer than the {engine.world} processes")
     shared = [r.sample_id for r in records if r.sample_id in train_ids]
     if shared:
-        accelerator.print(f"warning: {len(shared)} held-out record id(s) are also training records, e.g. {shared[:3]}")
+        engine.print(f"warning: {len(shared)} held-out record id(s) are also training records, e.g. {shared[:3]}")
     return records, make_collator(cfg, loaded, corruption, records)
 
 
@@ -173,30 +179,47 @@ def save_plots(metrics_path: Path, out_dir: Path, eval_metrics_path: Path | None
     return written
 
 
-# ------------------------------------------------------------------------------------------ train
-def train(cfg: TrainConfig) -> dict:
-    """Run one training from a config; returns the summary (also written to output_dir/summary.json).
+# ------------------------------------------------------------------------------------------ setup
+@dataclass
+class Run:
+    """Everything a training run holds between setup, the loop and the finish."""
 
-    An accelerator out-of-memory error anywhere in the run is raised as TrainingOutOfMemoryError,
-    whose message gives the run's micro_batch_size, data.max_length and gradient-checkpointing
-    settings and what to change.
-    """
-    try:
-        return _train(cfg)
-    except torch.OutOfMemoryError as exc:
-        raise TrainingOutOfMemoryError(out_of_memory_message(cfg, exc)) from exc
+    cfg: TrainConfig
+    engine: Engine
+    out: Path
+    loaded: Any  # LoadedModel: processor, family adapter, model
+    spec: Any  # the objective's ObjectiveSpec
+    records: list
+    skipped: list
+    collator: Any
+    eval_records: list
+    eval_collator: Any
+    accum: int  # micro-batches per optimizer step in each process
+    steps_per_epoch: int
+    total_steps: int
+    n_corruption_epochs: int
+    module: Any = None  # what the loop calls: the scorer as the engine wrapped it
+    optimizer: Any = None
+    scheduler: Any = None
+    criterion: Any = None
+    trainable: list = field(default_factory=list)
+    reference: Any = None  # live reference of a full fine-tuning: a frozen scorer, placed by the engine
+    fingerprint: dict | None = None  # what the cached reference log-probs depend on (taken before sharding)
+    cache: Any = None  # ReferenceCache of the training records (reference.mode: cached)
+    eval_cache: Any = None
+    resume: Path | None = None
+    position: dict = field(default_factory=lambda: {"epoch": 0, "step_in_epoch": 0, "global_step": 0})
+    history: list = field(default_factory=list)
+    eval_history: list = field(default_factory=list)
+
+    @property
+    def scorer(self) -> SequenceScorer:
+        """The policy's SequenceScorer (for forwards without gradients: reference, evaluation)."""
+        return self.engine.unwrap(self.module)
 
 
-def _train(cfg: TrainConfig) -> dict:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    # cpu=True on a machine without CUDA lets `accelerate launch` / torchrun run several CPU processes (gloo).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
+def check_paths(cfg: TrainConfig) -> None:
+    """The data, held-out and model paths exist (before anything slow runs)."""
     if not Path(cfg.data.path).exists():  # a file, or a `datasets` save_to_disk folder
         raise ConfigError(f"data.path={cfg.data.path}: no such dataset file or folder (`mdpo-data make-sample DIR` writes DIR/data.json, and with --scenes the main job's DIR/scenes/)")
     if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).exists():
@@ -204,206 +227,287 @@ def _train(cfg: TrainConfig) -> dict:
                           "(`mdpo-data make-sample DIR` writes DIR/eval.json)")
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"model.path={cfg.model.path}: no such model folder")
-    if accelerator.is_main_process:
+
+
+def setup(cfg: TrainConfig, engine: Engine) -> Run:
+    """Data, schedule, model, optimizer, reference log-probs and resume position of a run, in the order
+    that fails fastest: paths, then the records (read and checked with the processor alone), then the
+    schedule, then the weights."""
+    check_paths(cfg)
+    out = Path(cfg.output_dir)
+    if engine.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    engine.print(describe(engine))
 
     # --- processor and data first: the records are read and checked before any weight loads
     check_report_to(cfg)
     loaded = load_processor(cfg)  # processor + family adapter; model=None until build_model
     spec = get_objective(cfg.objective)
     result = read_records(cfg, cfg.data.path, loaded)
-    records, skipped = result.records, result.skipped
-    for index, sample_id, reason in skipped:
-        accelerator.print(f"skipped record {index} (id {sample_id}): {reason}")
+    for index, sample_id, reason in result.skipped:
+        engine.print(f"skipped record {index} (id {sample_id}): {reason}")
     corruption = make_corruption(cfg)
-    collator = make_collator(cfg, loaded, corruption, records)
-    accelerator.print(collator.describe_prompts(records))
-    eval_records, eval_collator = load_eval_records(cfg, loaded, corruption, world, accelerator, {r.sample_id for r in records})
+    collator = make_collator(cfg, loaded, corruption, result.records)
+    engine.print(collator.describe_prompts(result.records))
+    eval_records, eval_collator = load_eval_records(cfg, loaded, corruption, engine, {r.sample_id for r in result.records})
 
     # --- schedule: effective batch = micro · accumulation · processes
-    if cfg.effective_batch_size % (cfg.micro_batch_size * world):
-        raise ConfigError(f"effective_batch_size={cfg.effective_batch_size} is not a multiple of micro_batch_size·processes = {cfg.micro_batch_size * world}")
-    accum = cfg.effective_batch_size // (cfg.micro_batch_size * world)
-    # accelerator.accumulate() then skips the gradient sync (DDP) or the engine step (DeepSpeed) on all
-    # but every accum-th micro-batch, whatever the backend; set before prepare (DeepSpeed reads it there).
-    accelerator.gradient_accumulation_steps = accum
-    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
-    if deepspeed is not None and deepspeed.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size  # no prepared DataLoader to read it from
-    steps_per_epoch = len(records) // cfg.effective_batch_size
+    if cfg.effective_batch_size % (cfg.micro_batch_size * engine.world):
+        raise ConfigError(f"effective_batch_size={cfg.effective_batch_size} is not a multiple of micro_batch_size·processes = {cfg.micro_batch_size * engine.world}")
+    steps_per_epoch = len(result.records) // cfg.effective_batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(records)} records are fewer than one effective batch of {cfg.effective_batch_size} pairs")
-    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+        raise ConfigError(f"{len(result.records)} records are fewer than one effective batch of {cfg.effective_batch_size} pairs")
+    run = Run(cfg=cfg, engine=engine, out=out, loaded=loaded, spec=spec, records=result.records, skipped=result.skipped,
+              collator=collator, eval_records=eval_records, eval_collator=eval_collator,
+              accum=cfg.effective_batch_size // (cfg.micro_batch_size * engine.world), steps_per_epoch=steps_per_epoch,
+              total_steps=steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs),
+              n_corruption_epochs=1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs)
+    setup_model(run)
+    setup_reference(run)
+    setup_resume(run)
+    return run
 
-    # --- model weights, once the data and the schedule are known to be usable
-    loaded, reference_model = build_model(cfg, device, loaded)
-    loaded.model.to(device)
-    if reference_model is not None:
-        reference_model.to(device)
-    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)  # fp32 master weights over bf16
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+
+def setup_model(run: Run) -> None:
+    """Weights (LoRA or full fine-tuning), the scorer, and the engine's wrapping of it with its optimizer.
+
+    The reference fingerprint reads every weight, so it is taken here, before a sharding engine splits
+    the weights over the processes.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg, engine = run.cfg, run.engine
+    run.loaded, reference_model = build_model(cfg, engine.device, run.loaded)
     # sft trains on the mean token NLL: the scorer returns length-averaged log-probs for it
-    scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs or spec.sft, impl=cfg.kernel_impl,
-                            shared_prefix=cfg.model.shared_prefix)
-    # The scheduler stays out of accelerate: its wrapper steps a scheduler once per process per call,
-    # for schedules counted in one process's batches, and total_steps already counts optimizer steps.
-    scorer, optimizer = accelerator.prepare(scorer, optimizer)
-    if accelerator.gradient_accumulation_steps != accum:  # a DeepSpeed config with a number of its own
-        raise ConfigError(f"the accelerate/DeepSpeed config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "
-                          f"but effective_batch_size / (micro_batch_size·processes) = {accum}: set it to auto (or {accum})")
-    criterion = make_criterion(cfg)
+    options = dict(average=cfg.loss.average_logprobs or run.spec.sft, impl=cfg.kernel_impl, shared_prefix=cfg.model.shared_prefix,
+                   single_forward=engine.shards_weights)
+    scorer = SequenceScorer(run.loaded.model, run.loaded.adapter, **options)
+    if cfg.reference.mode == "cached" and run.spec.needs_reference:  # sft has no reference
+        run.fingerprint = run_fingerprint(cfg, run.loaded, len(run.records), run.n_corruption_epochs)
+    run.trainable = [p for p in scorer.parameters() if p.requires_grad]
+    run.module, run.optimizer = engine.prepare(scorer, run.trainable, run.accum)
+    # The scheduler counts optimizer steps; it is the run's own, on the torch optimizer every engine steps.
+    run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, math.ceil(cfg.warmup_ratio * run.total_steps), run.total_steps)
+    run.criterion = make_criterion(cfg)
+    if reference_model is not None:  # full fine-tuning, live reference: a frozen copy, placed (sharded) like the policy
+        run.reference = engine.prepare_reference(SequenceScorer(reference_model, run.loaded.adapter, **options))
 
-    # --- reference log-probs
-    n_corruption_epochs = 1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs
-    cache = eval_cache = None
-    if cfg.reference.mode == "cached" and spec.needs_reference:  # sft has no reference
-        cache_path, eval_cache_path = reference_cache_paths(cfg)
-        fingerprint = run_fingerprint(cfg, loaded, len(records), n_corruption_epochs)
-        needed = reached_entries(len(records), cfg.seed, steps_per_epoch, total_steps, cfg.effective_batch_size, n_corruption_epochs)
-        cache = prepare_reference_cache(cache_path, cfg, accelerator, scorer, records, collator, fingerprint, n_corruption_epochs,
-                                        reference_model, needed=needed)
-        if eval_records:  # held-out pairs are always scored with epoch 0's corrupted image
-            eval_fingerprint = run_fingerprint(cfg, loaded, len(eval_records), 1, data_path=cfg.data.eval_path,
-                                               weights=fingerprint["model.weights"])
-            eval_cache = prepare_reference_cache(eval_cache_path, cfg, accelerator, scorer, eval_records, eval_collator,
-                                                 eval_fingerprint, 1, reference_model)
 
-    # --- resume
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    resume = resolve_resume(cfg.resume_from, out)
-    if resume is not None:
-        position = load_checkpoint(resume, accelerator, scorer, optimizer, scheduler, seed=cfg.seed)
-        accelerator.print(f"resumed from {resume} at step {position['global_step']}")
-        if accelerator.is_main_process:  # rows a killed run logged after this checkpoint are redone
+def setup_reference(run: Run) -> None:
+    """reference.mode cached: the cache of the entries this run reaches (and of the held-out records)."""
+    cfg, engine = run.cfg, run.engine
+    if not (cfg.reference.mode == "cached" and run.spec.needs_reference):
+        return
+    cache_path, eval_cache_path = reference_cache_paths(cfg)
+    needed = reached_entries(len(run.records), cfg.seed, run.steps_per_epoch, run.total_steps, cfg.effective_batch_size,
+                             run.n_corruption_epochs)
+    run.cache = prepare_reference_cache(cache_path, cfg, engine, run.module, run.records, run.collator, run.fingerprint,
+                                        run.n_corruption_epochs, run.reference, needed=needed)
+    if run.eval_records:  # held-out pairs are always scored with epoch 0's corrupted image
+        eval_fingerprint = run_fingerprint(cfg, run.loaded, len(run.eval_records), 1, data_path=cfg.data.eval_path,
+                                           weights=run.fingerprint["model.weights"])
+        run.eval_cache = prepare_reference_cache(eval_cache_path, cfg, engine, run.module, run.eval_records, run.eval_collator,
+                                                 eval_fingerprint, 1, run.reference)
+
+
+def setup_resume(run: Run) -> None:
+    """resume_from: load the checkpoint and drop the metrics rows a killed run logged after it."""
+    cfg, engine = run.cfg, run.engine
+    run.resume = resolve_resume(cfg.resume_from, run.out)
+    if run.resume is not None:
+        run.position = load_checkpoint(run.resume, engine, run.module, run.optimizer, run.scheduler, seed=cfg.seed)
+        engine.print(f"resumed from {run.resume} at step {run.position['global_step']}")
+        if engine.is_main:
             for name in ("metrics.jsonl", "eval_metrics.jsonl"):
-                keep_rows_up_to(out / name, position["global_step"])
+                keep_rows_up_to(run.out / name, run.position["global_step"])
     elif cfg.resume_from == "latest":
-        accelerator.print(f"resume_from=latest: no complete checkpoint in {checkpoints_dir(out)} yet; starting at step 0")
+        engine.print(f"resume_from=latest: no complete checkpoint in {checkpoints_dir(run.out)} yet; starting at step 0")
 
-    # --- loop
-    metrics_path = out / "metrics.jsonl"
-    writer = None
-    if accelerator.is_main_process:
-        writer = make_metrics_writer(cfg, out)  # report_to: TensorBoard, wandb or None
-    log_file = open(metrics_path, "a" if resume is not None else "w") if accelerator.is_main_process else None
-    bar = tqdm(total=total_steps, initial=position["global_step"], desc=cfg.objective, disable=not (cfg.progress_bar and accelerator.is_main_process))
-    eval_metrics_path, eval_history = out / "eval_metrics.jsonl", []
-    eval_file = open(eval_metrics_path, "a" if resume is not None else "w") if (accelerator.is_main_process and eval_records) else None
 
-    def run_evaluation(at_step: int) -> None:
-        """Score the held-out pairs; one row in eval_metrics.jsonl (and TensorBoard under eval/)."""
-        from .evaluate import evaluate
+# ------------------------------------------------------------------------------------------- loop
+class Reporter:
+    """Where a run's rows go: metrics.jsonl, eval_metrics.jsonl, TensorBoard / wandb and the progress bar
+    (the main process writes; the others hold None)."""
 
-        metrics = evaluate(accelerator.unwrap_model(scorer), criterion, eval_records, eval_collator,
-                           micro_batch_size=cfg.micro_batch_size, device=device, reference=eval_cache,
-                           reference_model=reference_model, rank=rank, world=world,
-                           reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"))
-        if cfg.eval_generate_every and world == 1 and (at_step % cfg.eval_generate_every == 0 or at_step == total_steps):
-            from .eval.hallucination import training_generation_metrics  # CHAIR of greedy held-out answers
+    def __init__(self, run: Run):
+        from tqdm.auto import tqdm
 
-            metrics.update(training_generation_metrics(cfg, loaded, accelerator.unwrap_model(scorer).model, device))
-        row = {"step": at_step, **metrics}
-        eval_history.append(row)
-        write_row(eval_file, writer, row, tag_prefix="eval/")
-        line = f"held-out @ step {at_step} ({metrics['pairs']} pairs): loss {metrics['loss/total']:.4f}"
-        if "rewards/accuracies" in metrics:
-            line += f", accuracy {metrics['rewards/accuracies']:.3f}"
-        if "rewards/conditional_accuracies" in metrics:
-            line += f", conditional accuracy {metrics['rewards/conditional_accuracies']:.3f}"
-        if "generate/recall" in metrics:
-            line += f", generated: CHAIR_s {metrics['generate/chair_s']:.3f}, recall {metrics['generate/recall']:.3f}"
-        if accelerator.is_main_process:
-            bar.write(line)
+        main, resumed, cfg = run.engine.is_main, run.resume is not None, run.cfg
+        self.metrics_path, self.eval_metrics_path = run.out / "metrics.jsonl", run.out / "eval_metrics.jsonl"
+        self.writer = make_metrics_writer(cfg, run.out) if main else None  # report_to: TensorBoard, wandb or None
+        self.log_file = open(self.metrics_path, "a" if resumed else "w") if main else None
+        self.eval_file = open(self.eval_metrics_path, "a" if resumed else "w") if (main and run.eval_records) else None
+        self.bar = tqdm(total=run.total_steps, initial=run.position["global_step"], desc=cfg.objective,
+                        disable=not (cfg.progress_bar and main))
+        self.main = main
 
-    step, history, started = position["global_step"], [], time.perf_counter()
-    if eval_records and step == 0:
-        run_evaluation(0)
-    scorer.train()
-    for epoch in range(position["epoch"], cfg.epochs):
-        if step >= total_steps:
+    def step(self, row: dict) -> None:
+        write_row(self.log_file, self.writer, row)
+        postfix = {"loss": f"{row['loss/total']:.4f}"}
+        if "rewards/accuracies" in row:  # sft has no rewards
+            postfix["acc"] = f"{row['rewards/accuracies']:.2f}"
+        self.bar.set_postfix(postfix)
+        self.bar.update(1)
+
+    def evaluation(self, row: dict) -> None:
+        write_row(self.eval_file, self.writer, row, tag_prefix="eval/")
+        line = f"held-out @ step {row['step']} ({row['pairs']} pairs): loss {row['loss/total']:.4f}"
+        if "rewards/accuracies" in row:
+            line += f", accuracy {row['rewards/accuracies']:.3f}"
+        if "rewards/conditional_accuracies" in row:
+            line += f", conditional accuracy {row['rewards/conditional_accuracies']:.3f}"
+        if "generate/recall" in row:
+            line += f", generated: CHAIR_s {row['generate/chair_s']:.3f}, recall {row['generate/recall']:.3f}"
+        if self.main:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+        for file in (self.log_file, self.eval_file):
+            if file is not None:
+                file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run_evaluation(run: Run, reporter: Reporter, at_step: int) -> None:
+    """Score the held-out pairs (and, at eval_generate_every, generate and score answers); one row."""
+    from .evaluate import evaluate
+
+    cfg, engine = run.cfg, run.engine
+    metrics = evaluate(run.scorer, run.criterion, run.eval_records, run.eval_collator, micro_batch_size=cfg.micro_batch_size,
+                       device=engine.device, reference=run.eval_cache, reference_model=run.reference, rank=engine.rank,
+                       world=engine.world, reduce_sum=lambda t: engine.reduce(t, "sum"), equal_forwards=engine.shards_weights)
+    if cfg.eval_generate_every and engine.world == 1 and (at_step % cfg.eval_generate_every == 0 or at_step == run.total_steps):
+        from .eval.hallucination import training_generation_metrics  # CHAIR of greedy held-out answers
+
+        with engine.generation_context(run.module):
+            metrics.update(training_generation_metrics(cfg, run.loaded, run.scorer.model, engine.device))
+    row = {"step": at_step, **metrics}
+    run.eval_history.append(row)
+    reporter.evaluation(row)
+
+
+def train_loop(run: Run, reporter: Reporter) -> None:
+    """The optimizer steps from the run's position to total_steps: each one `accum` micro-batches per
+    process, one backward each, then the engine's step; held-out evaluation and checkpoints on schedule."""
+    cfg, engine, module, criterion = run.cfg, run.engine, run.module, run.criterion
+    step = run.position["global_step"]
+    if run.eval_records and step == 0:
+        run_evaluation(run, reporter, 0)
+    module.train()
+    for epoch in range(run.position["epoch"], cfg.epochs):
+        if step >= run.total_steps:
             break
-        collator.set_epoch(epoch)
-        corruption_epoch = 0 if n_corruption_epochs == 1 else epoch
-        batches = micro_batches(epoch_order(len(records), cfg.seed, epoch), cfg.micro_batch_size, rank, world, steps_per_epoch, accum)
-        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        stream = collated_batches(batches[first * accum :], records, collator, cfg.data.num_workers, pin_memory=device.type == "cuda")
-        for step_in_epoch in range(first, steps_per_epoch):
-            if step >= total_steps:
+        run.collator.set_epoch(epoch)
+        corruption_epoch = 0 if run.n_corruption_epochs == 1 else epoch
+        batches = micro_batches(epoch_order(len(run.records), cfg.seed, epoch), cfg.micro_batch_size, engine.rank, engine.world,
+                                run.steps_per_epoch, run.accum)
+        first = run.position["step_in_epoch"] if epoch == run.position["epoch"] else 0
+        stream = collated_batches(batches[first * run.accum :], run.records, run.collator, cfg.data.num_workers,
+                                  pin_memory=engine.device.type == "cuda")
+        for step_in_epoch in range(first, run.steps_per_epoch):
+            if step >= run.total_steps:
                 break
             step_metrics = []
-            for micro in range(accum):
-                batch = move_batch(next(stream), device)
-                if cache is not None:
-                    ref = cache.lookup(batch["sample_ids"], corruption_epoch).to(device)
-                elif not spec.needs_reference:
+            for micro in range(run.accum):
+                batch = move_batch(next(stream), engine.device)
+                if run.cache is not None:
+                    ref = run.cache.lookup(batch["sample_ids"], corruption_epoch).to(engine.device)
+                elif not run.spec.needs_reference:
                     ref = None
                 else:
-                    ref = reference_logps(accelerator.unwrap_model(scorer), batch, reference_model)
-                with accelerator.accumulate(scorer):  # gradients sync on the last micro-batch only
-                    loss, metrics = criterion(policy_logps=scorer(batch), ref_logps=ref)
-                    accelerator.backward(loss)  # accelerate divides by gradient_accumulation_steps
+                    ref = reference_logps(run.scorer, batch, run.reference)
+                with engine.accumulate(module, last=micro == run.accum - 1):  # DDP syncs gradients on the last only
+                    loss, metrics = criterion(policy_logps=module(batch), ref_logps=ref)
+                    engine.backward(loss)
                 step_metrics.append(metrics)
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = engine.step(run.trainable)
+            run.scheduler.step()
             step += 1
 
             # One host sync per optimizer step: mean over micro-batches, then over processes.
             keys = step_metrics[0].keys()
-            stacked = torch.stack([torch.stack([m[k] for m in step_metrics]).mean() for k in keys])
-            stacked = accelerator.reduce(stacked, reduction="mean")
+            stacked = engine.reduce(torch.stack([torch.stack([m[k] for m in step_metrics]).mean() for k in keys]), "mean")
             row = {"step": step, "epoch": epoch, **dict(zip(keys, stacked.tolist())),
-                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
-            history.append(row)
-            write_row(log_file, writer, row)
-            postfix = {"loss": f"{row['loss/total']:.4f}"}
-            if "rewards/accuracies" in row:  # sft has no rewards
-                postfix["acc"] = f"{row['rewards/accuracies']:.2f}"
-            bar.set_postfix(postfix)
-            bar.update(1)
-            at_epoch_end = step_in_epoch + 1 == steps_per_epoch
+                   "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            run.history.append(row)
+            reporter.step(row)
+            at_epoch_end = step_in_epoch + 1 == run.steps_per_epoch
             next_pos = {"epoch": epoch + 1, "step_in_epoch": 0} if at_epoch_end else {"epoch": epoch, "step_in_epoch": step_in_epoch + 1}
             next_pos["global_step"] = step
-            if eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                run_evaluation(step)
-            if (cfg.save_every and step % cfg.save_every == 0) or at_epoch_end or step == total_steps:
-                save_checkpoint(out, accelerator, scorer, optimizer, scheduler, next_pos, cfg, keep=resume)
-    bar.close()
-    for file in (log_file, eval_file):
-        if file is not None:
-            file.close()
-    if writer is not None:
-        writer.close()
+            if run.eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == run.total_steps):
+                run_evaluation(run, reporter, step)
+            if (cfg.save_every and step % cfg.save_every == 0) or at_epoch_end or step == run.total_steps:
+                save_checkpoint(run.out, engine, module, run.optimizer, run.scheduler, next_pos, cfg, keep=run.resume)
 
-    # --- save the final weights
-    model = accelerator.unwrap_model(scorer).model
-    final_dir = out / "final"
-    if accelerator.is_main_process:
-        model.save_pretrained(final_dir)  # peft adapter format for LoRA, full weights otherwise
-        loaded.processor.save_pretrained(final_dir)
+
+# ----------------------------------------------------------------------------------------- finish
+def save_final(run: Run) -> Path:
+    """final/: the peft adapter (LoRA) or the whole model's weights (full fine-tuning), consolidated
+    from the shards where the engine shards them, readable by transformers and mdpo-eval."""
+    cfg, engine = run.cfg, run.engine
+    model = run.scorer.model
+    final_dir = run.out / "final"
+    lora = hasattr(model, "peft_config")
+    weights = engine.gather_weights(model, trainable_only=lora) if engine.shards_weights else None
+    if engine.is_main:
+        model.save_pretrained(final_dir, state_dict=weights)  # None: the model's own (whole) weights
+        run.loaded.processor.save_pretrained(final_dir)
         if cfg.save_merged and hasattr(model, "merge_and_unload"):
             merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(out / "merged")
-            loaded.processor.save_pretrained(out / "merged")
-    accelerator.wait_for_everyone()
-    plots = save_plots(metrics_path, out / "plots", eval_metrics_path if eval_records else None) if (cfg.plots and accelerator.is_main_process) else []
+            merged.save_pretrained(run.out / "merged")
+            run.loaded.processor.save_pretrained(run.out / "merged")
+    engine.barrier()
+    return final_dir
+
+
+def finish(run: Run, reporter: Reporter, started: float) -> dict:
+    """Close the writers, write final/, the plots and summary.json; -> the summary."""
+    cfg, engine = run.cfg, run.engine
+    reporter.close()
+    final_dir = save_final(run)
+    plots = []
+    if cfg.plots and engine.is_main:
+        plots = save_plots(reporter.metrics_path, run.out / "plots", reporter.eval_metrics_path if run.eval_records else None)
+    history, eval_history = run.history, run.eval_history
     summary = {
-        "objective": cfg.objective, "steps": step, "epochs": cfg.epochs, "pairs_per_step": cfg.effective_batch_size, "records": len(records),
-        "skipped_records": [{"index": i, "id": s, "reason": r} for i, s, r in skipped],
+        "objective": cfg.objective, "steps": run.history[-1]["step"] if history else run.position["global_step"],
+        "epochs": cfg.epochs, "pairs_per_step": cfg.effective_batch_size, "records": len(run.records),
+        "skipped_records": [{"index": i, "id": s, "reason": r} for i, s, r in run.skipped],
         "first": history[0] if history else None, "last": history[-1] if history else None,
         "last_mean": mean_of_last(history),
-        "eval": {"path": cfg.data.eval_path, "pairs": len(eval_records), "first": eval_history[0], "last": eval_history[-1]}
+        "eval": {"path": cfg.data.eval_path, "pairs": len(run.eval_records), "first": eval_history[0], "last": eval_history[-1]}
         if eval_history else None,
-        "seconds": round(time.perf_counter() - started, 2), "processes": world,
-        "output_dir": str(out), "final": str(final_dir), "plots": [str(p) for p in plots],
+        "seconds": round(time.perf_counter() - started, 2), "processes": engine.world, "engine": engine.name,
+        "output_dir": str(run.out), "final": str(final_dir), "plots": [str(p) for p in plots],
     }
-    if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if engine.is_main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training from a config; returns the summary (also written to output_dir/summary.json).
+
+    The recipe: `setup` (engine, data, model, reference, resume) → `train_loop` → `finish` (final/,
+    plots, summary); the same for every distributed engine. An accelerator out-of-memory error anywhere
+    in the run is raised as TrainingOutOfMemoryError, whose message gives the run's micro_batch_size,
+    data.max_length and gradient-checkpointing settings and what to change.
+    """
+    engine = make_engine(cfg)
+    try:
+        seed_everything(cfg.seed)
+        run = setup(cfg, engine)
+        reporter, started = Reporter(run), time.perf_counter()
+        train_loop(run, reporter)
+        return finish(run, reporter, started)
+    except torch.OutOfMemoryError as exc:
+        raise TrainingOutOfMemoryError(out_of_memory_message(cfg, exc)) from exc
+    finally:
+        engine.close()
 
 
 def mean_of_last(history: list[dict], fraction: float = 0.1) -> dict | None:
@@ -441,11 +545,25 @@ USAGE = """usage: mdpo-train [CONFIG.yaml] [key=value ...] [--print-config] [--h
   --help          this text and every config key (with CONFIG: also the values that config sets)"""
 
 
+def _drop_launcher_args(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes --local_rank=N (also in the environment, where the engine reads it)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `mdpo-train` command. Any error of the library's own (MdpoError) prints one line and returns 2."""
     from .config import config_help
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _drop_launcher_args(argv)
     want_help = any(a in ("-h", "--help") for a in argv)
     print_only = "--print-config" in argv
     argv = [a for a in argv if a not in ("--print-config", "-h", "--help")]

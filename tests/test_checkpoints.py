@@ -173,13 +173,18 @@ def test_weights_stored_once_and_save_total_limit(sample, tmp_path):
 
 
 # ------------------------------------------------------------------- another number of processes
-class _FakeAccelerator:
-    """What load_checkpoint uses of an Accelerator, for process `rank` of `world`."""
+class _FakeEngine:
+    """What load_checkpoint uses of a ddp `mdpo.distributed.Engine`, posing as process `rank` of `world`."""
+
+    name = "ddp"
 
     def __init__(self, rank, world):
-        self.process_index, self.num_processes, self.printed = rank, world, []
+        from mdpo.distributed import Engine
 
-    def unwrap_model(self, model):
+        self.rank, self.world, self.printed = rank, world, []
+        self.load = lambda folder, module, optimizer, state: Engine.load(self, folder, module, optimizer, state)
+
+    def unwrap(self, model):
         return model
 
     def print(self, *args):
@@ -203,10 +208,10 @@ def test_resuming_with_more_processes_derives_the_missing_rng_states(sample, tmp
     scorer = types.SimpleNamespace(model=loaded.model)
 
     def draws(rank, world):
-        accelerator = _FakeAccelerator(rank, world)
-        position = load_checkpoint(ckpt, accelerator, scorer, optimizer, scheduler, seed=cfg.seed)
+        engine = _FakeEngine(rank, world)
+        position = load_checkpoint(ckpt, engine, scorer, optimizer, scheduler, seed=cfg.seed)
         assert position["global_step"] == 2
-        return torch.rand(4).tolist(), accelerator.printed
+        return torch.rand(4).tolist(), engine.printed
 
     rank0, _ = draws(0, 1)
     again, printed = draws(0, 2)

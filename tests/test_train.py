@@ -216,21 +216,27 @@ def test_collating_workers_change_nothing_in_the_run(sample, tmp_path):
         assert _losses(resumed) == _losses(plain)[2:]
 
 
-def test_gradient_accumulation_goes_through_accelerate(sample, tmp_path, monkeypatch):
-    """accelerate (DDP, DeepSpeed, FSDP alike) learns of the accumulation: its `sync_gradients` — what
-    DeepSpeed's engine step and DDP's gradient sync follow — is on for the last micro-batch of each
-    optimizer step only (2 micro-batches per step here)."""
-    from accelerate import Accelerator
+def test_gradient_accumulation_goes_through_the_engine(sample, tmp_path, monkeypatch):
+    """The engine learns of the accumulation: each micro-batch's forward and backward run inside
+    `engine.accumulate(last=...)` — what DDP's gradient sync follows — with last on the final
+    micro-batch of each optimizer step only, and the engine steps once per `accum` micro-batches
+    (2 micro-batches per step here)."""
+    from mdpo.distributed import Engine
 
-    seen, backward = [], Accelerator.backward
+    seen, accumulate, step = [], Engine.accumulate, Engine.step
 
-    def spy(self, loss, **kwargs):
-        seen.append((self.sync_gradients, self.gradient_accumulation_steps))
-        return backward(self, loss, **kwargs)
+    def spy_accumulate(self, module, last):
+        seen.append(("micro", last, self.accum))
+        return accumulate(self, module, last)
 
-    monkeypatch.setattr(Accelerator, "backward", spy)
+    def spy_step(self, trainable):
+        seen.append(("step",))
+        return step(self, trainable)
+
+    monkeypatch.setattr(Engine, "accumulate", spy_accumulate)
+    monkeypatch.setattr(Engine, "step", spy_step)
     train(load_config(None, _overrides(sample, tmp_path / "accum", "max_steps=2")))
-    assert seen == [(False, 2), (True, 2)] * 2
+    assert seen == [("micro", False, 2), ("micro", True, 2), ("step",)] * 2
 
 
 def test_resume_on_two_processes_from_a_one_process_checkpoint(sample, tmp_path):

@@ -95,15 +95,23 @@ class FamilyAdapter:
         out = inner(**self.model_inputs(model, batch), use_cache=False, return_dict=True)
         return out.last_hidden_state
 
-    def lm_head(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight (V, H), bias (V,) or None) of the LM head, as used by the full model's forward."""
-        while _is_distributed_wrapper(model):  # reading parameters outside forward needs no sync
+    def lm_head_module(self, model: nn.Module) -> nn.Module:
+        """The LM head module (an `nn.Linear`; `mdpo.scoring.FusedLMHead` once the scorer fused it)."""
+        while _is_distributed_wrapper(model):
             model = model.module
         if isinstance(model, HiddenStatesModel):
             model = model.model
         head = self.unwrap(model).lm_head
         if hasattr(head, "base_layer"):  # a peft-wrapped head; its LoRA delta is not in `weight`
             raise ValueError("the LM head carries a LoRA adapter; apply_lora keeps lm_head out of LoRA")
+        return head
+
+    def lm_head(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (V, H), bias (V,) or None) of the LM head, as used by the full model's forward.
+
+        Outside a forward, under FSDP2 / ZeRO-3 these are shards: the scorer calls the head module
+        instead (`mdpo.scoring.FusedLMHead`)."""
+        head = self.lm_head_module(model)
         return head.weight, head.bias
 
     def check_fused_head(self, model: nn.Module) -> None:
