@@ -50,7 +50,7 @@ def make_pope_questions(root: Path, n_images: int = 2) -> Path:
     from PIL import Image
 
     rows = []
-    objects = ["dog", "car", "person", "umbrella", "cat", "kite"]
+    objects = ["dog", "car", "person", "bus", "cat", "kite"]
     for k in range(n_images):
         Image.new("RGB", (40, 40), (60 * k % 255, 120, 200)).save(root / f"img{k}.png")
         for j in range(3):
