@@ -348,15 +348,19 @@ def evaluate_amber(
 
 
 # ----------------------------------------------------------------------------------------- suite
-SUITE_COLUMNS = (  # (benchmark, path into its model entry, header, percent?)
-    ("chair", ("metrics", "chair_s"), "CHAIR_s ↓", True), ("chair", ("metrics", "chair_i"), "CHAIR_i ↓", True),
-    ("chair", ("metrics", "recall"), "recall ↑", True),
-    ("pope", ("average", "accuracy"), "POPE acc ↑", True), ("pope", ("average", "f1"), "POPE F1 ↑", True),
-    ("amber", ("generative", "printed", "chair"), "AMBER CHAIR ↓", False),
-    ("amber", ("generative", "printed", "cover"), "Cover ↑", False),
-    ("amber", ("generative", "printed", "hal"), "Hal ↓", False), ("amber", ("generative", "printed", "cog"), "Cog ↓", False),
-    ("amber", ("discriminative", "discriminative", "printed", "accuracy"), "AMBER acc ↑", False),
-    ("amber", ("discriminative", "discriminative", "printed", "f1"), "AMBER F1 ↑", False),
+SUITE_COLUMNS = (  # (benchmark, metrics.json key, path into the benchmark's model entry, table header, table path)
+    ("chair", "chair_s", ("metrics", "chair_s"), "CHAIR_s ↓", None),
+    ("chair", "chair_i", ("metrics", "chair_i"), "CHAIR_i ↓", None),
+    ("chair", "recall", ("metrics", "recall"), "recall ↑", None),
+    ("pope", "accuracy", ("average", "accuracy"), "POPE acc ↑", None),
+    ("pope", "f1", ("average", "f1"), "POPE F1 ↑", None),
+    ("amber", "chair", ("generative", "chair"), "AMBER CHAIR ↓", ("generative", "printed", "chair")),
+    ("amber", "cover", ("generative", "cover"), "Cover ↑", ("generative", "printed", "cover")),
+    ("amber", "hal", ("generative", "hal"), "Hal ↓", ("generative", "printed", "hal")),
+    ("amber", "cog", ("generative", "cog"), "Cog ↓", ("generative", "printed", "cog")),
+    ("amber", "accuracy", ("discriminative", "discriminative", "accuracy"), "AMBER acc ↑",
+     ("discriminative", "discriminative", "printed", "accuracy")),
+    ("amber", "f1", ("discriminative", "discriminative", "f1"), "AMBER F1 ↑", ("discriminative", "discriminative", "printed", "f1")),
 )
 
 
@@ -372,14 +376,14 @@ def format_suite_table(summaries: dict[str, dict]) -> str:
     """One row per model over every benchmark that ran (percentages; POPE averaged over its settings)."""
     ran = [c for c in SUITE_COLUMNS if c[0] in summaries]
     names = list(dict.fromkeys(n for s in summaries.values() for n in s["models"]))
-    header = "| model | " + " | ".join(h for _, _, h, _ in ran) + " |"
+    header = "| model | " + " | ".join(c[3] for c in ran) + " |"
     rows = [header, "|---|" + "|".join("---:" for _ in ran) + "|"]
     for name in names:
         cells = []
-        for bench, path, _, percent in ran:
-            v = _dig(summaries[bench]["models"].get(name, {}), path)
-            cells.append("—" if name not in summaries[bench]["models"] else "n/a" if v is None
-                         else f"{100 * v:.1f}" if percent else f"{v:.1f}")
+        for bench, _, path, _, printed in ran:  # AMBER: its script's printed percentages
+            entry = summaries[bench]["models"].get(name)
+            v = _dig(entry, printed or path)
+            cells.append("—" if entry is None else "n/a" if v is None else f"{v:.1f}" if printed else f"{100 * v:.1f}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = []
     if "pope" in summaries:
@@ -425,10 +429,12 @@ def evaluate_suite(out_dir: str | os.PathLike, *, chair_data: str | None = None,
         summaries["amber"] = evaluate_amber(out / "amber", amber_dir, task=amber_task, image_root=amber_image_root,
                                             options=options, yes_no_max_new_tokens=yes_no_max_new_tokens,
                                             prompt_suffix=prompt_suffix, **common)
-    combined = {"benchmarks": list(summaries), "models": {
-        name: {bench: {header: _dig(s["models"].get(name, {}), path) for b, path, header, _ in SUITE_COLUMNS if b == bench}
+    combined = {"benchmarks": list(summaries), "models": {  # fractions; None where not measured
+        name: {bench: {key: _dig(s["models"].get(name), path) for b, key, path, _, _ in SUITE_COLUMNS if b == bench}
                for bench, s in summaries.items()}
         for name in dict.fromkeys(n for s in summaries.values() for n in s["models"])}}
+    if "amber" in summaries:
+        combined["amber_generative_label"] = summaries["amber"]["generative_label"]
     if resolve_processes()[0] == 0:
         _write_json(out / "metrics.json", combined)
         (out / "table.md").write_text("Hallucination benchmarks (percentages; per benchmark: <benchmark>/table.md)\n\n"
