@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark_files import make_amber_dir, make_pope_questions
 from mdpo.eval import generate as gen
@@ -68,12 +69,27 @@ def test_every_process_makes_the_same_number_of_generate_calls(world, n, batch_s
     assert all(flag is True for c in calls.values() for _, flag in c)  # synced_gpus reaches generate
 
 
-def _suite(out: Path, data: Path, processes: int) -> None:
+SUITE_ARGS = ["--model", "tiny-llava", "--batch-size", "3", "--max-new-tokens", "8", "--yes-no-max-new-tokens", "4",
+              "--no-progress"]
+
+
+def _suite_here(out: Path, data: Path) -> None:
+    """One process: this one (no second interpreter start), on one thread like the launched ones."""
+    from mdpo.evaluate import main as mdpo_eval
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert mdpo_eval(["suite", "--pope", str(data / "coco_pope_random.json"), "--amber", str(data / "amber"),
+                          *SUITE_ARGS, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _suite_on_two_processes(out: Path, data: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    cmd = [*(launch if processes > 1 else [sys.executable]), "-m", "mdpo.evaluate", "suite",
-           "--pope", str(data / "coco_pope_random.json"), "--amber", str(data / "amber"), "--model", "tiny-llava",
-           "--batch-size", "3", "--max-new-tokens", "8", "--yes-no-max-new-tokens", "4", "--no-progress", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mdpo.evaluate",
+           "suite", "--pope", str(data / "coco_pope_random.json"), "--amber", str(data / "amber"), *SUITE_ARGS, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
@@ -81,8 +97,8 @@ def _suite(out: Path, data: Path, processes: int) -> None:
 def test_two_cpu_processes_write_the_answers_of_one(tmp_path):
     make_pope_questions(tmp_path)  # 12 yes/no questions on 2 images: 6 per process, 2 batches of 3 each
     make_amber_dir(tmp_path / "amber", images=True)  # 2 descriptions + 7 yes/no: 4 | 3 + a padding batch
-    _suite(tmp_path / "one", tmp_path, 1)
-    _suite(tmp_path / "two", tmp_path, 2)
+    _suite_here(tmp_path / "one", tmp_path)
+    _suite_on_two_processes(tmp_path / "two", tmp_path)
     for name in ("pope/base/answers-random.jsonl", "amber/base/responses.json", "pope/metrics.json", "amber/metrics.json",
                  "metrics.json", "table.md"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
