@@ -126,8 +126,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mdpo-eval [preference] CHECKPOINT ...` (this function) or `mdpo-eval hallucination ...`
-    (`mdpo.eval.hallucination.main`): the first argument picks the subcommand, preference by default."""
+    """`mdpo-eval [preference] CHECKPOINT ...` (this function), `mdpo-eval hallucination ...`
+    (`mdpo.eval.hallucination.main`) or `mdpo-eval pope | amber | suite ...` (`mdpo.eval.suite`): the
+    first argument picks the subcommand, preference by default."""
     import argparse
 
     from .errors import MdpoError
@@ -137,12 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         from .eval.hallucination import main as hallucination_main
 
         return hallucination_main(argv[1:])
+    if argv and argv[0] in ("pope", "amber", "suite"):  # mdpo.eval.suite: POPE, AMBER, all three in one call
+        from .eval import suite
+
+        return {"pope": suite.pope_main, "amber": suite.amber_main, "suite": suite.suite_main}[argv[0]](argv[1:])
     if argv and argv[0] == "preference":
         argv = argv[1:]
     parser = argparse.ArgumentParser(
         prog="mdpo-eval [preference]",
         description="Score an mdpo-train checkpoint on held-out preference pairs (loss terms, rewards, accuracies). "
-                    "`mdpo-eval hallucination --help`: generate answers and score object hallucination (CHAIR).",
+                    "`mdpo-eval hallucination --help`: generate answers and score object hallucination (CHAIR); "
+                    "`mdpo-eval pope --help`, `amber --help`, `suite --help`: POPE, AMBER, all three.",
         epilog="e.g. mdpo-eval outputs/tiny-cpu/checkpoints/step-000100 --data sample_data/eval.json")
     parser.add_argument("checkpoint", help="a folder under <output_dir>/checkpoints/")
     parser.add_argument("--data", help="held-out records (default: the run's data.eval_path)")

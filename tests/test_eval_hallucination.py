@@ -67,7 +67,7 @@ def _external_answers(root: Path) -> Path:
 def _run(root, out, **kwargs):
     return evaluate_hallucination(out, str(root / "scenes" / "eval.json"), model="tiny-llava",
                                   adapters=[str(root / "run" / "final")], answers=[str(_external_answers(root))],
-                                  options=OPTIONS, progress=False, log=lambda _: None, **kwargs)
+                                  allow_partial=True, options=OPTIONS, progress=False, log=lambda _: None, **kwargs)
 
 
 def test_whole_run_is_reproduced_bit_for_bit(run, tmp_path):
@@ -97,7 +97,7 @@ def test_whole_run_is_reproduced_bit_for_bit(run, tmp_path):
 
 def test_answers_from_elsewhere_are_scored_and_marked(run, tmp_path):
     result = evaluate_hallucination(tmp_path, str(run / "scenes" / "eval.json"), answers=[str(_external_answers(run))],
-                                    progress=False, log=lambda _: None)
+                                    allow_partial=True, progress=False, log=lambda _: None)
     metrics = result["models"]["elsewhere"]["metrics"]
     # answer 1: one hallucinated mention; answer 2: one correct mention, written "Ns"
     assert (metrics["n_mentions"], metrics["n_hallucinated_mentions"], metrics["chair_s"]) == (2, 1, 0.5)
@@ -140,7 +140,8 @@ def test_coco_annotations_by_image_id_or_file_name(tmp_path):
     answers.write_text(json.dumps({"image_id": 1, "answer": "A dog and a cat."}) + "\n")
     result = evaluate_hallucination(tmp_path / "out", str(questions), model="tiny-llava", answers=[str(answers)],
                                     coco_annotations=str(instances), image_root=str(tmp_path), reliance=False,
-                                    options=GenerationOptions(max_new_tokens=4), progress=False, log=lambda _: None)
+                                    allow_partial=True, options=GenerationOptions(max_new_tokens=4), progress=False,
+                                    log=lambda _: None)
     assert result["vocabulary"] == "coco" and result["models"]["base"]["metrics"]["n_answers"] == 2
     scored = result["models"]["lmms"]["metrics"]
     assert (scored["n_mentions"], scored["n_hallucinated_mentions"], scored["recall"]) == (2, 1, 1.0)

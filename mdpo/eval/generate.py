@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -89,12 +90,14 @@ class Question:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def load_questions(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Question]:
+def load_questions(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
+                   check_images: bool = True) -> list[Question]:
     """Questions from a JSON list or JSONL of `{id?, image | img_path | images, question, ...}`.
 
     Preference records of the plain and TRL shapes (`mdpo-data make-sample` output) are questions too;
     their other keys (objects, chosen, rejected, ...) land in `meta`. The id is `id`, else `image_id`,
-    else a content hash (as for training records). Every image is checked up front: a missing or
+    else a content hash (as for training records). Every image is checked up front (`check_images`;
+    off when only answers written elsewhere are scored: no image is read then): a missing or
     unreadable file, a missing question or a duplicate id raises BadRecordError naming the record.
     """
     from ..data.records import BadRecordError, _message_text, _Reason, check_image_file, content_id, iter_raw_records
@@ -130,7 +133,8 @@ def load_questions(path: str | os.PathLike, image_root: str | os.PathLike | None
             if sample_id in seen:
                 raise _Reason(f"duplicate id (first used by record {seen[sample_id]})")
             image_path = image if os.path.isabs(image) else os.path.join(str(root), image)
-            check_image_file(image_path)
+            if check_images:
+                check_image_file(image_path)
         except _Reason as reason:
             raise BadRecordError(index, sample_id, str(reason), str(path)) from None
         seen[sample_id] = index
@@ -516,10 +520,14 @@ def left_pad(prompts: Sequence[dict[str, Any]], pad_id: int, dtype: torch.dtype 
 
 @torch.no_grad()
 def generate_batch(gm: GenerationModel, questions: Sequence[Question], options: GenerationOptions = GenerationOptions(),
-                   images: Sequence | None = None, return_logprobs: bool = False) -> list[Generated]:
+                   images: Sequence | None = None, return_logprobs: bool = False,
+                   synced_gpus: bool | None = None) -> list[Generated]:
     """Answers to `questions` in one left-padded `model.generate` call (see the module docstring).
 
     images: the PIL images to ask with (default: each question's own image).
+    synced_gpus: passed to transformers' `generate` (None: its own choice). True under DeepSpeed ZeRO-3 or
+        FSDP with several processes: every decoder step is then a collective, and a process whose rows
+        have all ended keeps stepping until every process has ended.
     """
     from transformers import LogitsProcessorList
 
@@ -532,8 +540,10 @@ def generate_batch(gm: GenerationModel, questions: Sequence[Question], options: 
     if not options.greedy:
         generators = [torch.Generator().manual_seed(item_seed(options.seed, q.sample_id)) for q in questions]
         processors.append(_RowSampler(generators, options.temperature, options.top_p))
+    extra = {} if synced_gpus is None else {"synced_gpus": synced_gpus}
     out = gm.model.generate(**batch, max_new_tokens=options.max_new_tokens, do_sample=False, num_beams=1,
-                            logits_processor=processors, return_dict_in_generate=True, output_logits=return_logprobs)
+                            logits_processor=processors, return_dict_in_generate=True, output_logits=return_logprobs,
+                            **extra)
     new = out.sequences[:, width:].cpu()
     steps = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu() if return_logprobs else None  # (B, N, V)
     results, ends = [], set(gm.eos_ids)
@@ -570,6 +580,88 @@ def read_answers(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- several processes
+AllGather = Callable[[Any], list]  # obj -> [the obj of rank 0, of rank 1, ...], on every rank
+
+
+def resolve_processes(rank: int | None = None, world: int | None = None,
+                      all_gather: AllGather | None = None) -> tuple[int, int, AllGather | None]:
+    """(rank, world, all_gather): the given ones, else torch.distributed's when a process group is
+    initialised (`all_gather_object`), else one process (0, 1, None)."""
+    import torch.distributed as dist
+
+    initialised = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world is None:
+        world = dist.get_world_size() if initialised else 1
+    if all_gather is None and world > 1:
+        if not initialised:
+            raise ValueError(f"world={world} needs an all_gather callable or an initialised torch.distributed group")
+
+        def all_gather(obj):  # pickles obj; a few KB per round here
+            out = [None] * dist.get_world_size()
+            dist.all_gather_object(out, obj)
+            return out
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} must be in [0, world={world})")
+    return rank, world, all_gather
+
+
+def shard_rounds(n_questions: int, world: int, batch_size: int) -> int:
+    """The number of generate calls EVERY process makes for `n_questions` shared round-robin over
+    `world` processes in batches of `batch_size`: the largest share's batches (0 for no question)."""
+    return math.ceil(math.ceil(n_questions / world) / batch_size) if n_questions else 0
+
+
+def sharded_generate(
+    gm: GenerationModel,
+    questions: Sequence[Question],
+    options: GenerationOptions = GenerationOptions(),
+    *,
+    rank: int | None = None,
+    world: int | None = None,
+    all_gather: AllGather | None = None,
+    synced_gpus: bool | None = None,
+    image_of: Callable[[Question], Any] | None = None,
+    on_round: Callable[[list[tuple[int, Generated, float]]], None] | None = None,
+) -> list[tuple[Generated, float]]:
+    """Answers to `questions` shared over processes. -> [(Generated, seconds)] in question order, the
+    same list on every process (seconds: the row's share of its batch's wall time).
+
+    Process `rank` answers questions[rank::world] in batches of `options.batch_size`. Every process
+    makes the same number of generate calls (`shard_rounds`): one whose share is short runs a padding
+    batch of one repeated question and drops its answer. Under FSDP2 or DeepSpeed ZeRO-3 every forward
+    is a collective, so an unequal number of calls would hang; pass `synced_gpus=True` there (ZeRO-3
+    needs it, see `generate_batch`). After every round the new answers are gathered with `all_gather`
+    (default: torch.distributed's all_gather_object when a group is initialised) and handed to
+    `on_round` in question order as [(question index, Generated, seconds)] (e.g. to append them to a
+    file on rank 0). With greedy decoding, or sampling (each question draws from its own generator),
+    the answers are those of one process: a row's answer does not depend on the batch it lands in.
+    image_of: question -> the PIL image to ask with (default: its own image).
+    Costs: one all_gather of the round's answers (a few KB) per round.
+    """
+    rank, world, all_gather = resolve_processes(rank, world, all_gather)
+    mine = list(range(rank, len(questions), world))
+    size = options.batch_size
+    results: list[tuple[Generated, float] | None] = [None] * len(questions)
+    for round_ in range(shard_rounds(len(questions), world, size)):
+        indices = mine[round_ * size : (round_ + 1) * size]
+        chunk = [questions[i] for i in indices] or [questions[mine[0] if mine else 0]]  # padding: answer dropped
+        images = [image_of(q) for q in chunk] if image_of is not None else None
+        began = time.perf_counter()
+        answers = generate_batch(gm, chunk, options, images, synced_gpus=synced_gpus)
+        share = (time.perf_counter() - began) / len(chunk)
+        local = [(i, a, share) for i, a in zip(indices, answers)]
+        parts = all_gather(local) if world > 1 else [local]
+        gathered = sorted((item for part in parts for item in part), key=lambda item: item[0])
+        for i, answer, seconds in gathered:
+            results[i] = (answer, seconds)
+        if on_round is not None:
+            on_round(gathered)
+    return results  # type: ignore[return-value]
+
+
 def generate_answers(
     gm: GenerationModel,
     questions: Sequence[Question],
@@ -580,21 +672,30 @@ def generate_answers(
     corruption=None,
     progress: bool = True,
     desc: str | None = None,
+    rank: int | None = None,
+    world: int | None = None,
+    all_gather: AllGather | None = None,
+    synced_gpus: bool | None = None,
 ) -> list[dict]:
     """Answer every question and write `out_path` (JSONL, one row per question in question order:
     id, image, question, answer, tokens (new tokens before the end token), finished, seconds (the
-    row's share of its batch's wall time)). -> the rows.
+    row's share of its batch's wall time)). -> the rows (on every process).
 
     Resuming: rows already in `out_path` for these questions are kept and not generated again; the
     settings they were made with (model, options, image variant, corruption) are kept beside it in
     `<stem>.settings.json`, and other settings raise AnswersFileError. Rows are appended batch by batch
     (an interruption loses at most one batch), and the file is rewritten in question order at the end.
     variant: image | blank | corrupted (`question_image`); corruption: the CorruptionConfig of `corrupted`.
+    Several processes (`torchrun` / `accelerate launch`; rank, world, all_gather as in `sharded_generate`,
+    default torch.distributed's): each answers its share, every process reads the file first, and only
+    rank 0 writes it; the rows gathered after each round are appended in question order, so the file
+    is the one a single process writes (bar the `seconds`).
     """
     from tqdm.auto import tqdm
 
+    rank, world, all_gather = resolve_processes(rank, world, all_gather)
+    main = rank == 0
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     decisive = {k: v for k, v in asdict(options).items() if k != "batch_size"}  # answers do not depend on the batch
     settings = {"model": gm.identity(), "options": decisive, "variant": variant,
                 "corruption": corruption.fingerprint() if (corruption is not None and variant == "corrupted") else None}
@@ -602,7 +703,7 @@ def generate_answers(
     settings_path = _settings_path(out_path)
     wanted = {q.sample_id for q in questions}
     done: dict[str, dict] = {}
-    if out_path.is_file():
+    if out_path.is_file():  # every process reads before rank 0 writes (the barrier below)
         previous = json.loads(settings_path.read_text()) if settings_path.is_file() else None
         if previous != settings:
             changed = sorted(k for k in settings if previous is None or previous.get(k) != settings[k])
@@ -611,32 +712,47 @@ def generate_answers(
         for row in read_answers(out_path):
             if row.get("id") in wanted:
                 done.setdefault(row["id"], row)
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    if world > 1:
+        all_gather(None)  # barrier: nobody reads the file once rank 0 starts rewriting it
     todo = [q for q in questions if q.sample_id not in done]
     pool = questions if (corruption is not None and corruption.strategy == "random_image") else None
-    with open(out_path, "w", encoding="utf-8") as handle:
+    handle = None
+    if main:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+        handle = open(out_path, "w", encoding="utf-8")
         for row in done.values():  # what an earlier run left, without a cut-short last line
             handle.write(json.dumps(row) + "\n")
         handle.flush()
-        with tqdm(total=len(questions), initial=len(questions) - len(todo), desc=desc or f"answers ({gm.label})",
-                  disable=not progress, unit="answer") as bar:
-            for start in range(0, len(todo), options.batch_size):
-                chunk = todo[start : start + options.batch_size]
-                images = [question_image(q, variant, corruption, pool) for q in chunk]
-                began = time.perf_counter()
-                answers = generate_batch(gm, chunk, options, images)
-                share = (time.perf_counter() - began) / len(chunk)
-                for q, a in zip(chunk, answers):
-                    row = {"id": q.sample_id, "image": q.image, "question": q.question, "answer": a.text,
-                           "tokens": len(a.ids), "finished": a.finished, "seconds": round(share, 4)}
-                    done[q.sample_id] = row
-                    handle.write(json.dumps(row) + "\n")
-                handle.flush()
-                bar.update(len(chunk))
+    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=desc or f"answers ({gm.label})",
+               disable=not (progress and main), unit="answer")
+
+    def keep(gathered):
+        for i, answer, share in gathered:
+            q = todo[i]
+            row = {"id": q.sample_id, "image": q.image, "question": q.question, "answer": answer.text,
+                   "tokens": len(answer.ids), "finished": answer.finished, "seconds": round(share, 4)}
+            done[q.sample_id] = row
+            if handle is not None:
+                handle.write(json.dumps(row) + "\n")
+        if handle is not None:
+            handle.flush()
+        bar.update(len(gathered))
+
+    try:
+        sharded_generate(gm, todo, options, rank=rank, world=world, all_gather=all_gather, synced_gpus=synced_gpus,
+                         image_of=lambda q: question_image(q, variant, corruption, pool), on_round=keep)
+    finally:
+        bar.close()
+        if handle is not None:
+            handle.close()
     rows = [done[q.sample_id] for q in questions]
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, out_path)
+    if main:
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        os.replace(tmp, out_path)
+    if world > 1:
+        all_gather(None)  # the file is complete before any process goes on
     return rows
 
 

@@ -173,9 +173,18 @@ def evaluate_hallucination(
     dtype: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    allow_partial: bool = False,
 ) -> dict:
-    """Run the whole evaluation (module docstring) and write its files to `out_dir`. -> metrics.json's dict."""
+    """Run the whole evaluation (module docstring) and write its files to `out_dir`. -> metrics.json's dict.
+
+    answers: files of `{id or image_id, answer[, tokens]}` scored without a model (and without reading
+    an image): one answer per question (or per image, for COCO annotations), checked by
+    `answers.read_answers_file`; a file answering only some is refused unless `allow_partial`.
+    Under several processes (`torchrun`, `accelerate launch`) generation is shared over them and only
+    rank 0 writes files; every process returns the same dict."""
     from . import chair
+    from .answers import read_answers_file
+    from .generate import resolve_processes
     from ..components import make_corruption
     from ..data import CorruptionConfig
 
@@ -183,9 +192,11 @@ def evaluate_hallucination(
         raise HallucinationEvalError("--adapter needs --model (the base model the adapters were trained on)")
     if model is None and not answers:
         raise HallucinationEvalError("nothing to evaluate: give --model (and --adapter ...) or --answers FILE")
+    main = resolve_processes()[0] == 0
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    questions = load_questions(data, image_root)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    questions = load_questions(data, image_root, check_images=model is not None)  # answers alone read no image
     annotations, keys = load_ground_truth(questions, data, coco_annotations, image_root, vocabulary)
     is_preference = all("chosen" in q.meta and "rejected" in q.meta for q in questions)
     taken: set[str] = set()
@@ -197,10 +208,15 @@ def evaluate_hallucination(
     for path in answers:
         stem = Path(path).stem
         label = _unique(Path(path).parent.name if stem == "answers" and Path(path).parent.name else stem, taken)
-        report = chair.score_answers_file(path, annotations)
+        answer_set = read_answers_file(path, expected_ids=list(keys.values()), id_keys=("id", "image_id"),
+                                       aliases={q: k for q, k in keys.items() if q != k}, allow_partial=allow_partial,
+                                       questions_source=str(data))
+        report = chair.score_answers([{**record, "id": key} for key, record in answer_set.records.items()],
+                                     annotations, source=str(path))
         reports[label] = report
-        results[label] = {"kind": "answers", "source": str(path), **report.to_dict()}
-        _write_scored(out / label / "answers.jsonl", report, None)
+        results[label] = {"kind": "answers", "source": str(path), "coverage": answer_set.coverage(), **report.to_dict()}
+        if main:
+            _write_scored(out / label / "answers.jsonl", report, None)
 
     # --- models: the base, then each adapter / checkpoint. The first run found among the adapters
     # decides the prompt settings and the corruption for every model, the base included.
@@ -233,7 +249,8 @@ def evaluate_hallucination(
             entry["preference"] = _preference_metrics(gm, data, image_root, base.model if base else None,
                                                       options.batch_size)
         results[label] = entry
-        _write_scored(folder / "answers.jsonl", report, rows)
+        if main:
+            _write_scored(folder / "answers.jsonl", report, rows)
         if adapter is None:
             base = gm
         else:
@@ -248,6 +265,8 @@ def evaluate_hallucination(
         "models": results,
     }
     summary = json.loads(json.dumps(summary, default=list))
+    if not main:
+        return summary
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(format_tables(summary, reports))
     chair.plot_bars(reports, out / "chair.png")
@@ -277,9 +296,13 @@ def format_tables(summary: dict, reports: dict) -> str:
     most hallucinated categories per model."""
     from . import chair
 
+    from .answers import coverage_note
+
     parts = [f"Object hallucination on {summary['data']} ({summary['questions']} questions, vocabulary "
              f"{summary['vocabulary']}; percentages)\n", chair.format_table(reports)]
     models = summary["models"]
+    notes = [coverage_note(name, m.get("coverage")) for name, m in models.items()]
+    parts += [f"Partial: {note}" for note in notes if note]
     if any("reliance" in m for m in models.values()):
         parts += ["\nImage reliance: answers with a blank image and with the training corruption\n",
                   "| model | changed (blank) | recall (blank) | CHAIR_i (blank) | changed (corrupted) | recall (corrupted) |",
@@ -359,7 +382,10 @@ def build_parser():
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="a LoRA adapter folder (<output_dir>/final) or a checkpoint (<output_dir>/checkpoints/step-N); repeat for several")
     parser.add_argument("--answers", action="append", default=[], metavar="FILE",
-                        help="JSONL of {id or image_id, answer[, tokens]} generated elsewhere, scored as it is; repeat for several")
+                        help="JSONL of {id or image_id, answer[, tokens]} generated elsewhere, scored as it is (no model, "
+                             "no image read); repeat for several")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="score an --answers file that answers only some questions (the table says how many)")
     parser.add_argument("--data", required=True, help="questions: JSON list / JSONL of {id, image, question[, objects]} (e.g. sample_data/eval.json)")
     parser.add_argument("--coco-annotations", metavar="FILE", help="COCO instances file (instances_val2014.json) as the ground truth")
     parser.add_argument("--image-root", metavar="DIR", help="folder the image paths are relative to (default: --data's folder)")
@@ -380,8 +406,11 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .processes import eval_processes
+
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    procs = eval_processes(args.device)  # one, or the torchrun / accelerate launch group
     try:
         options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                     seed=args.seed, batch_size=args.batch_size)
@@ -389,10 +418,15 @@ def main(argv: list[str] | None = None) -> int:
             args.out, args.data, model=args.model, adapters=args.adapter, answers=args.answers,
             coco_annotations=args.coco_annotations, image_root=args.image_root, vocabulary=args.vocabulary,
             options=options, reliance=not args.no_reliance, preference=not args.no_preference,
-            preset_seed=args.preset_seed, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+            preset_seed=args.preset_seed, device=procs.device, dtype=args.dtype, progress=not args.no_progress,
+            allow_partial=args.allow_partial)
     except (MdpoError, ValueError, FileNotFoundError) as exc:
         print(f"mdpo-eval hallucination: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        procs.finish()
+    if not procs.main:
+        return 0
     print(Path(args.out, "table.md").read_text(), end="")
     print(f"{len(summary['models'])} model(s) in {time.perf_counter() - started:.1f} s; written to {args.out} "
           "(metrics.json, table.md, chair.png, <model>/answers.jsonl, timing.json)")
