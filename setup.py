@@ -138,7 +138,7 @@ setup(
         "console_scripts": [
             "mdpo-train=mdpo.train:main",
             "mdpo-data=mdpo.data.cli:main",
-            "mdpo-eval=mdpo.evaluate:main",
+            "mdpo-eval=mdpo.eval.cli:main",
         ]
     },
 )

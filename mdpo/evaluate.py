@@ -125,25 +125,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     return {"checkpoint": str(checkpoint), "step": position["global_step"], "data": str(data_path), **metrics}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`mdpo-eval [preference] CHECKPOINT ...` (this function), `mdpo-eval hallucination ...`
-    (`mdpo.eval.hallucination.main`) or `mdpo-eval pope | amber | suite ...` (`mdpo.eval.suite`): the
-    first argument picks the subcommand, preference by default."""
+def preference_main(argv: list[str]) -> int:
+    """`mdpo-eval [preference] CHECKPOINT ...` (the command is `mdpo.eval.cli.main`)."""
     import argparse
 
     from .errors import MdpoError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "hallucination":
-        from .eval.hallucination import main as hallucination_main
-
-        return hallucination_main(argv[1:])
-    if argv and argv[0] in ("pope", "amber", "suite"):  # mdpo.eval.suite: POPE, AMBER, all three in one call
-        from .eval import suite
-
-        return {"pope": suite.pope_main, "amber": suite.amber_main, "suite": suite.suite_main}[argv[0]](argv[1:])
-    if argv and argv[0] == "preference":
-        argv = argv[1:]
     parser = argparse.ArgumentParser(
         prog="mdpo-eval [preference]",
         description="Score an mdpo-train checkpoint on held-out preference pairs (loss terms, rewards, accuracies). "
@@ -170,5 +157,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

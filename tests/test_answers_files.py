@@ -9,7 +9,7 @@ from benchmark_files import make_amber_dir, make_pope_questions
 from mdpo.eval.answers import AnswersDataError
 from mdpo.eval.hallucination import evaluate_hallucination
 from mdpo.eval.suite import evaluate_amber, evaluate_pope
-from mdpo.evaluate import main as mdpo_eval
+from mdpo.eval.cli import main as mdpo_eval
 
 CHAIR_ANSWERS = [{"id": "q1", "answer": "A dog and a cat."}, {"id": "q2", "answer": "A car."},
                  {"id": "q3", "answer": "A person."}, {"id": "q4", "answer": "A bus."}]

@@ -127,12 +127,13 @@ def test_out_of_memory_names_the_settings_that_lower_it(sample, tmp_path, monkey
 def test_mdpo_eval_and_mdpo_data_print_library_errors(tmp_path, monkeypatch, capsys):
     import mdpo.data.cli
     import mdpo.evaluate
+    from mdpo.eval.cli import main as mdpo_eval
 
     def fail(*args, **kwargs):
         raise UnsupportedModelError("that model soft-caps its logits")  # an MdpoError that is no ValueError
 
     monkeypatch.setattr(mdpo.evaluate, "evaluate_checkpoint", fail)
-    assert mdpo.evaluate.main([str(tmp_path)]) == 2
+    assert mdpo_eval([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "mdpo-eval: error: that model soft-caps its logits"
     monkeypatch.setattr(mdpo.data.cli, "_check", fail)
     assert mdpo.data.cli.main(["check", str(tmp_path / "x.json")]) == 2

@@ -11,7 +11,7 @@ from mdpo.errors import MdpoError
 from mdpo.eval.chair import HallucinationDataError
 from mdpo.eval.generate import GenerationOptions, load_generation_model, generate_batch, load_questions
 from mdpo.eval.hallucination import HallucinationEvalError, evaluate_hallucination
-from mdpo.evaluate import main as mdpo_eval
+from mdpo.eval.cli import main as mdpo_eval
 from mdpo.train import train
 
 OPTIONS = GenerationOptions(max_new_tokens=8, batch_size=4)

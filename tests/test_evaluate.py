@@ -164,7 +164,7 @@ def test_bad_evaluation_settings_are_named(sample, tmp_path, capsys):
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_mdpo_eval_of_the_last_checkpoint_repeats_the_runs_last_evaluation(sample, tmp_path, finetune, capsys):
     """Same model state, same pairs: the CLI (live reference) gives the trainer's last held-out row."""
-    from mdpo.evaluate import main as eval_main
+    from mdpo.eval.cli import main as eval_main
 
     out = tmp_path / finetune
     extra = ["model.finetune=full", "reference.mode=live", "lr=1e-4"] if finetune == "full" else []
@@ -182,7 +182,7 @@ def test_mdpo_eval_of_the_last_checkpoint_repeats_the_runs_last_evaluation(sampl
 
 
 def test_mdpo_eval_names_what_is_missing(sample, tmp_path, capsys):
-    from mdpo.evaluate import main as eval_main
+    from mdpo.eval.cli import main as eval_main
 
     assert eval_main([str(tmp_path)]) == 2
     assert f"checkpoint={tmp_path}: no config.json" in capsys.readouterr().err

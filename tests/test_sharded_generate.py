@@ -75,7 +75,7 @@ SUITE_ARGS = ["--model", "tiny-llava", "--batch-size", "3", "--max-new-tokens", 
 
 def _suite_here(out: Path, data: Path) -> None:
     """One process: this one (no second interpreter start), on one thread like the launched ones."""
-    from mdpo.evaluate import main as mdpo_eval
+    from mdpo.eval.cli import main as mdpo_eval
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,7 +88,7 @@ def _suite_here(out: Path, data: Path) -> None:
 
 def _suite_on_two_processes(out: Path, data: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mdpo.evaluate",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mdpo.eval",
            "suite", "--pope", str(data / "coco_pope_random.json"), "--amber", str(data / "amber"), *SUITE_ARGS, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

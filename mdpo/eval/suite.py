@@ -15,8 +15,8 @@ into OUT/<benchmark>/ and writes OUT/table.md and OUT/metrics.json with one row 
 of them. Scoring is `pope.py` / `amber.py` / `chair.py`; answers files are read by `answers.py`.
 
 Generation: batched, greedy by default, resumable (`generate.generate_answers`), shared over the
-processes of `torchrun --nproc_per_node N -m mdpo.evaluate pope ...` or `accelerate launch -m
-mdpo.evaluate pope ...` (each its share, gathered in question order, rank 0 writes). Yes/no questions
+processes of `torchrun --nproc_per_node N -m mdpo.eval pope ...` or `accelerate launch -m
+mdpo.eval pope ...` (each its share, gathered in question order, rank 0 writes). Yes/no questions
 use `--yes-no-max-new-tokens` (default 10: the parser reads the first sentence), descriptions
 `--max-new-tokens`.
 """
