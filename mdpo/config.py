@@ -97,7 +97,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at each epoch's end)
     save_total_limit: int = 0  # keep only the newest N complete checkpoints (0: keep all; the one resumed from is never deleted)
     eval_every: int = 0  # with data.eval_path: evaluate every N optimizer steps (always before step 1 and after the last)
-    eval_generate_every: int = 0  # with data.eval_path: at evaluations whose step is a multiple of N (and the first and last), also generate answers for 16 held-out questions and log CHAIR_i, CHAIR_s, recall and length (0: never; one process only)
+    eval_generate_every: int = 0  # with data.eval_path: at evaluations whose step is a multiple of N (and the first and last), also generate answers for 16 held-out questions and log CHAIR_i, CHAIR_s, recall and length (0: never; shared over the processes)
     save_merged: bool = False  # also save LoRA-merged full weights at the end
     resume_from: str | None = None  # a checkpoint folder written by a previous run, or latest: the newest complete one in output_dir (none yet: start at step 0)
     kernel_impl: str | None = None  # force triton | native | torch | reference for the log-prob ops

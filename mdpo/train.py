@@ -379,11 +379,12 @@ def run_evaluation(run: Run, reporter: Reporter, at_step: int) -> None:
     metrics = evaluate(run.scorer, run.criterion, run.eval_records, run.eval_collator, micro_batch_size=cfg.micro_batch_size,
                        device=engine.device, reference=run.eval_cache, reference_model=run.reference, rank=engine.rank,
                        world=engine.world, reduce_sum=lambda t: engine.reduce(t, "sum"), equal_forwards=engine.shards_weights)
-    if cfg.eval_generate_every and engine.world == 1 and (at_step % cfg.eval_generate_every == 0 or at_step == run.total_steps):
-        from .eval.hallucination import training_generation_metrics  # CHAIR of greedy held-out answers
+    if cfg.eval_generate_every and (at_step % cfg.eval_generate_every == 0 or at_step == run.total_steps):
+        from .eval.hallucination import training_generation_metrics  # CHAIR of greedy held-out answers, sharded
 
         with engine.generation_context(run.module):
-            metrics.update(training_generation_metrics(cfg, run.loaded, run.scorer.model, engine.device))
+            metrics.update(training_generation_metrics(cfg, run.loaded, run.scorer.model, engine.device,
+                                                       synced_gpus=engine.synced_gpus))
     row = {"step": at_step, **metrics}
     run.eval_history.append(row)
     reporter.evaluation(row)

@@ -335,14 +335,16 @@ TRAINING_OPTIONS = GenerationOptions(max_new_tokens=32, batch_size=8)  # greedy:
 _TRAINING_SETS: dict[tuple, tuple] = {}
 
 
-def training_generation_metrics(cfg, loaded, model, device) -> dict[str, float]:
+def training_generation_metrics(cfg, loaded, model, device, synced_gpus: bool | None = None) -> dict[str, float]:
     """`eval_generate_every`: greedy answers of the policy `model` (LoRA on, dropout off) to the first
     TRAINING_QUESTIONS held-out questions of `cfg.data.eval_path`, scored against their `objects`.
     -> {"generate/chair_i", "generate/chair_s", "generate/recall", "generate/tokens_per_answer",
-    "generate/objects_per_answer"} (undefined rates left out). The model's train/eval mode and its
-    generation_config are restored after; no global RNG is drawn from, so the run's losses do not change.
-    Costs one generate call per 8 questions of at most 32 new tokens."""
-    from .generate import clean_generation_config, generate_batch, wrap_model
+    "generate/objects_per_answer"} (undefined rates left out; the same on every process). The model's
+    train/eval mode and its generation_config are restored after; no global RNG is drawn from, so the
+    run's losses do not change. Under several processes (a torch.distributed group) each answers its
+    share, with the same number of generate calls everywhere (`sharded_generate`; synced_gpus for the
+    sharding engines). Costs one generate call per 8 questions of at most 32 new tokens."""
+    from .generate import clean_generation_config, sharded_generate, wrap_model
 
     key = (cfg.data.eval_path, cfg.data.image_root)
     if key not in _TRAINING_SETS:
@@ -355,11 +357,8 @@ def training_generation_metrics(cfg, loaded, model, device) -> dict[str, float]:
     model.eval()
     base.generation_config = clean_generation_config(gm)
     try:
-        rows = []
-        for start in range(0, len(questions), TRAINING_OPTIONS.batch_size):
-            chunk = questions[start : start + TRAINING_OPTIONS.batch_size]
-            rows += [{"id": q.sample_id, "answer": a.text, "tokens": len(a.ids)}
-                     for q, a in zip(chunk, generate_batch(gm, chunk, TRAINING_OPTIONS))]
+        answers = sharded_generate(gm, questions, TRAINING_OPTIONS, synced_gpus=synced_gpus)
+        rows = [{"id": q.sample_id, "answer": a.text, "tokens": len(a.ids)} for q, (a, _) in zip(questions, answers)]
     finally:
         model.train(was_training)
         base.generation_config = shipped
