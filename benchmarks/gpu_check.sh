@@ -172,6 +172,10 @@ run_step logprobs_v151936 40 extra \
     "$PY -m benchmarks.logprobs --device cuda --dtype bfloat16 --quick --shapes 16384x151936 --modes full --providers $LOGPROBS_PROVIDERS --results-dir $OUT/logprobs_v151936"
 run_step train_step_ckpt 60 extra \
     "$PY -m benchmarks.train_step --device cuda --dtype bfloat16 --grad-ckpt --budget-s 2 --results-dir $OUT/train_step"
+# One GPU, one process: a DDP and an FSDP2 run of the same tiny config (bf16, LoRA), their losses side by side.
+FS=$OUT/fsdp2_step
+run_step fsdp2_step 60 extra \
+    "$PY -m mdpo.data.cli make-sample $FS/data --n 32 --eval 8 && for e in ddp fsdp2; do $PY -m mdpo.train model.preset=tiny-llava data.path=$FS/data/data.json output_dir=$FS/\$e distributed.engine=\$e max_steps=3 micro_batch_size=4 effective_batch_size=8 data.max_length=256 model.lora_dropout=0 progress_bar=false report_to=none plots=false || exit 1; done && $PY -c \"import json,sys; r=[[json.loads(l)['loss/total'] for l in open(sys.argv[i]+'/metrics.jsonl')] for i in (1,2)]; print('fsdp2 vs ddp losses', r, 'max |diff|', max(abs(a-b) for a,b in zip(*r)))\" $FS/ddp $FS/fsdp2"
 run_step linear_logprobs_b 35 extra \
     "$PY -m benchmarks.linear_logprobs --device cuda --dtype bfloat16 --shapes b --heads frozen,trained --providers $LINEAR_PROVIDERS --budget-s 0.3 --results-dir $OUT/linear_logprobs_b"
 

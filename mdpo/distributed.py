@@ -85,6 +85,10 @@ def check_launcher(cfg: TrainConfig, env=os.environ) -> None:
     if wanted != engine:
         raise DistributedError(f"{source} asks for {wanted}, but distributed.engine={engine}: set distributed.engine={wanted}, "
                                f"or launch with the accelerate config of {engine} (configs/accelerate/)")
+    reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "").lower()
+    if wanted == "fsdp2" and reshard in ("true", "false") and (reshard == "true") != cfg.distributed.reshard_after_forward:
+        raise DistributedError(f"{source} sets fsdp_reshard_after_forward: {reshard}, but distributed.reshard_after_forward="
+                               f"{str(cfg.distributed.reshard_after_forward).lower()}: set them alike")
     if wanted.startswith("zero"):  # what accelerate's DeepSpeed fields say must be what this run does
         offload = {k: env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k.upper()}_DEVICE", "none").lower() for k in ("optimizer", "param")}
         mine = {"optimizer": "cpu" if cfg.distributed.offload in ("optimizer", "all") else "none",
