@@ -23,6 +23,7 @@ from .checkpoints import checkpoints_dir, load_checkpoint, resolve_resume, save_
 from .components import (build_model, check_report_to, load_processor, make_collator, make_corruption, make_criterion,
                          make_metrics_writer, out_of_memory_message, read_records, seed_everything)
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
+from .data.records import identical_pairs_note
 from .errors import MdpoError, TrainingOutOfMemoryError
 from .loss import get_objective
 from .optim import make_optimizer
@@ -216,6 +217,8 @@ def _train(cfg: TrainConfig) -> dict:
     records, skipped = result.records, result.skipped
     for index, sample_id, reason in skipped:
         accelerator.print(f"skipped record {index} (id {sample_id}): {reason}")
+    if (note := identical_pairs_note(records, cfg.data.path, cfg.objective)) is not None:  # chosen == rejected
+        accelerator.print(note)
     corruption = make_corruption(cfg)
     collator = make_collator(cfg, loaded, corruption, records)
     accelerator.print(collator.describe_prompts(records))
@@ -233,7 +236,7 @@ def _train(cfg: TrainConfig) -> dict:
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size  # no prepared DataLoader to read it from
     steps_per_epoch = len(records) // cfg.effective_batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(records)} records are fewer than one effective batch of {cfg.effective_batch_size} pairs")
+        raise ConfigError(f"data.path={cfg.data.path}: {len(records)} usable record(s) are fewer than one effective batch of {cfg.effective_batch_size} pairs")
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
 
     # --- model weights, once the data and the schedule are known to be usable

@@ -58,6 +58,11 @@ class BadRecordError(MdpoError, ValueError):
         super().__init__(f"bad record {index} (id {sample_id!r}){where}: {reason}")
 
 
+class DataFileError(MdpoError, ValueError):
+    """A dataset file that cannot be read as records at all: not UTF-8, not JSON, a wrapper object instead
+    of a list, no records. The message names the file (and the line and column where the parser knows them)."""
+
+
 class SkippedRecord(NamedTuple):
     index: int
     sample_id: str | None
@@ -117,8 +122,30 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | 
 
     A file whose first non-blank character is "[" is a JSON list; otherwise it is read line by line
     as JSONL (streamed, so large files are never held whole). Blank JSONL lines are not records.
+    A file that is not UTF-8, a JSON list that does not parse, or one JSON object (pretty-printed, or a
+    wrapper such as {"records": [...]}) raises DataFileError naming the file; a JSONL line that does not
+    parse is a bad record (its line and column in the parse error).
     """
     path = Path(path)
+    try:
+        yield from _iter_json_records(path)
+    except UnicodeDecodeError:
+        raise DataFileError(f"{path}: not UTF-8 text ({_first_non_utf8(path)}); save it as UTF-8") from None
+
+
+def _first_non_utf8(path: Path) -> str:
+    """Where a file first stops being UTF-8: 'byte 0xe9 at line 3, column 17' (column in bytes).
+    Reads the file again in binary, line by line (an error path only)."""
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"byte {line[err.start]:#04x} at line {line_number}, column {err.start + 1}"
+    return "a byte sequence that is not UTF-8"
+
+
+def _iter_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     with open(path, encoding="utf-8") as handle:
         head = ""
         while True:
@@ -131,7 +158,8 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | 
             try:
                 data = json.load(handle)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
+                cut = "; the file ends there (cut off?)" if not err.doc[err.pos:].strip() else ""
+                raise DataFileError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}){cut}") from None
             for index, raw in enumerate(data):
                 yield index, raw, None
             return
@@ -139,12 +167,18 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | 
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            text = line.rstrip("\r\n")  # an error at the line's end is then in this line, not at "line 2, column 1"
             try:
-                yield index, json.loads(line), None
+                raw = json.loads(text)
             except json.JSONDecodeError as err:
                 if index == 0 and head == "{":
                     _refuse_single_object(path)
-                yield index, None, f"line {line_number} is not valid JSON ({err.msg} at column {err.colno})"
+                cut = ", where the line ends (cut off?)" if not text[err.pos:].strip() else ""
+                yield index, None, f"line {line_number} is not valid JSON ({err.msg} at column {err.pos + 1}{cut})"
+            else:
+                if index == 0:
+                    _refuse_wrapper(path, raw)
+                yield index, raw, None
             index += 1
 
 
@@ -177,20 +211,20 @@ def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str 
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"{path}: reading a Hugging Face datasets folder or a parquet file needs the `datasets` "
-                          "package (pip install datasets)") from None
+        raise DataFileError(f"{path}: reading a Hugging Face datasets folder or a parquet file needs the `datasets` "
+                            "package (pip install datasets)") from None
     if path.is_dir():
         try:
             table = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
-            raise ValueError(f"{path}: a folder, but not one written by datasets' save_to_disk ({err})") from None
+            raise DataFileError(f"{path}: a folder, but not one written by datasets' save_to_disk ({err})") from None
         if isinstance(table, datasets.DatasetDict):
             splits = list(table)
             if len(splits) == 1 or "train" in splits:
                 table = table[splits[0] if len(splits) == 1 else "train"]
             else:
-                raise ValueError(f"{path}: a DatasetDict with splits {splits} and none named 'train'; "
-                                 "give the folder of one split")
+                raise DataFileError(f"{path}: a DatasetDict with splits {splits} and none named 'train'; "
+                                    "give the folder of one split")
     else:
         table = datasets.Dataset.from_parquet(str(path))
     # Arrow rows: Image cells stay {"bytes", "path"} structs (never decoded to PIL, nothing re-cast or
@@ -202,6 +236,9 @@ def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str 
             index += 1
 
 
+RECORD_KEYS = frozenset({"prompt", "question", "chosen", "rejected", "image", "img_path", "images"})
+
+
 def _refuse_single_object(path: Path) -> None:
     """A pretty-printed JSON object is neither a list nor JSONL: say so instead of N bad lines."""
     try:
@@ -209,7 +246,20 @@ def _refuse_single_object(path: Path) -> None:
     except json.JSONDecodeError:
         return
     if isinstance(whole, dict):
-        raise ValueError(f"{path}: holds one JSON object; expected a JSON list of records or JSONL (one record a line)")
+        _refuse_wrapper(path, whole)
+        raise DataFileError(f"{path}: holds one JSON object; expected a JSON list of records or JSONL (one record a line)")
+
+
+def _refuse_wrapper(path: Path, obj: Any) -> None:
+    """A JSON object holding the records under a key ({"records": [...]}, {"data": [...]}) is not read:
+    which key holds them is a guess. Say what the file is and how to give the list itself."""
+    if not isinstance(obj, dict) or RECORD_KEYS & set(obj):
+        return
+    for key, value in obj.items():
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value[:10]):
+            raise DataFileError(
+                f"{path}: one JSON object whose {key!r} key holds a list of {len(value)} records; expected a JSON list "
+                f"of records or JSONL (one record a line): save that list alone, e.g. `jq '.{key}' {path} > records.json`")
 
 
 def _canonical(value: Any) -> Any:
@@ -404,6 +454,8 @@ def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_imag
             shape = "paper"
         elif "question" in raw:
             shape = "plain"
+        elif prompt is not None:
+            raise _Reason(f"'prompt' must be a string (paper shape) or a list of messages (TRL shape), not {type(prompt).__name__}")
         else:
             raise _Reason(f"unrecognised record shape: keys {sorted(raw)}; expected 'prompt' or 'question'")
         chosen = _text_field(raw, "chosen", shape)
@@ -422,7 +474,11 @@ def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_imag
                 )
         elif shape == "plain":
             question = raw["question"]
-            if not isinstance(question, str) or not question.strip():
+            if question is None:
+                raise _Reason("missing 'question' (null)")
+            if not isinstance(question, str):
+                raise _Reason(f"'question' must be a string, not {type(question).__name__} ({_short(question)})")
+            if not question.strip():
                 raise _Reason("empty 'question'")
         else:
             _message_text(prompt, None, "prompt")  # every entry a message
@@ -447,6 +503,34 @@ def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_imag
         )
     except _Reason as reason:
         raise BadRecordError(index, sample_id, str(reason)) from None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def identical_pairs(records: list[PreferenceRecord]) -> list[PreferenceRecord]:
+    """Records whose chosen and rejected responses are the same text (surrounding whitespace aside).
+
+    Such a pair is not refused: its DPO term is constant (equal log-ratios, no gradient), but the
+    conditional and anchor terms read only the chosen response and still train on it, and `sft` never
+    reads the rejected one. It is counted and named instead, so a data bug that makes many is seen.
+    """
+    return [r for r in records if r.chosen.strip() == r.rejected.strip()]
+
+
+def identical_pairs_note(records: list[PreferenceRecord], source: str, objective: str = "mdpo") -> str | None:
+    """One line for a run's output when some pairs have chosen == rejected (None when none do, or for
+    `sft`, which never reads the rejected answer)."""
+    same = identical_pairs(records)
+    if not same or objective == "sft":
+        return None
+    named = ", ".join(f"{r.index} (id {r.sample_id!r})" for r in same[:3]) + (", …" if len(same) > 3 else "")
+    effect = ("they teach nothing under this objective" if objective in ("dpo", "dpo_no_image") else
+              "the conditional and anchor terms still train on their chosen answer")
+    return (f"note: {len(same)} of {len(records)} pair(s) in {source} have chosen == rejected (records {named}): their DPO "
+            f"term is constant (no gradient); {effect}")
 
 
 def check_image_file(image_path: str) -> None:
@@ -568,6 +652,8 @@ def load_records(
             continue
         first_index[record.sample_id] = index
         records.append(record)
+    if num_read == 0:
+        raise DataFileError(f"{path}: holds no records (an empty file, an empty list or only blank lines)")
     if skipped:
         logger.warning("%s: skipped %d of %d records (on_bad_record='skip')", path, len(skipped), num_read)
     return LoadResult(records=records, skipped=skipped, path=str(path), num_read=num_read)
