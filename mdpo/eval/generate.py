@@ -443,7 +443,7 @@ def _load_checkpoint(model: str, ckpt: Path, device, preset_seed: int, label, pr
     if cfg.reference.mode == "live" and cfg.model.finetune in ("full", "all"):
         cfg.reference.mode = "cached"  # build_model would copy the whole model for a live reference
     loaded, _ = build_model(cfg, device)
-    load_trainable(loaded.model, ckpt, "--adapter")
+    load_trainable(loaded.model, ckpt, "--adapter", cast=True)
     seed = cfg.seed if cfg.model.preset is not None else None
     return _finish(loaded, device, label or _default_label(ckpt), f"{model}+{ckpt}", "checkpoint", cfg, seed,
                    prompt_config)
