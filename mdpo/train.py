@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import checkpoints_dir, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import checkpoints_dir, load_checkpoint, save_checkpoint
 from .components import (build_model, check_report_to, load_processor, make_collator, make_corruption, make_criterion,
                          make_metrics_writer, out_of_memory_message, read_records, seed_everything)
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
@@ -28,6 +28,7 @@ from .errors import MdpoError, TrainingOutOfMemoryError
 from .loss import get_objective
 from .optim import make_optimizer
 from .reference_pass import prepare_reference_cache, reference_cache_paths, run_fingerprint
+from .run_dir import claim_output_dir
 from .scoring import SequenceScorer, move_batch, reference_logps
 
 PLOT_GROUPS = {
@@ -205,6 +206,7 @@ def _train(cfg: TrainConfig) -> dict:
                           "(`mdpo-data make-sample DIR` writes DIR/eval.json)")
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"model.path={cfg.model.path}: no such model folder")
+    resume = claim_output_dir(cfg, accelerator)  # another run's folder, or a checkpoint of other settings: refused (run_dir.py)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
@@ -275,7 +277,6 @@ def _train(cfg: TrainConfig) -> dict:
 
     # --- resume
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    resume = resolve_resume(cfg.resume_from, out)
     if resume is not None:
         position = load_checkpoint(resume, accelerator, scorer, optimizer, scheduler, seed=cfg.seed)
         accelerator.print(f"resumed from {resume} at step {position['global_step']}")
