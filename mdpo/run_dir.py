@@ -4,9 +4,10 @@ continues only a checkpoint of the same training settings.
 `claim_output_dir` is called once at the start of `mdpo-train`, before anything is written:
 
 - an `output_dir` that is a file is refused;
-- a fresh run (no `resume_from`) into a folder holding another run (any of `RUN_FILES`) is refused,
-  naming what is there, unless `overwrite_output_dir: true`: then that run's files (`RUN_FILES`) are
-  deleted first, by the main process. Deleted, not moved aside: a kept copy would be a second run in
+- a fresh run (no `resume_from`) into a folder holding another run (any of `RUN_FILES` besides
+  config.json: a run that stopped before its first step, e.g. on a bad record, leaves only its
+  config.json and is simply replaced) is refused, naming what is there, unless
+  `overwrite_output_dir: true`: then that run's files (`RUN_FILES`) are deleted first, by the main process. Deleted, not moved aside: a kept copy would be a second run in
   the folder that `resume_from: latest` or a reader of metrics.jsonl could still mix with. Files that
   mdpo-train does not write are left alone. A reference cache there (`reference_logps*.pt`) is kept:
   its fingerprint (model weights, data, settings) and the checksum of its values decide on loading —
@@ -82,10 +83,12 @@ def _saved_config(path: Path, what: str) -> TrainConfig:
 
 
 def held_run_files(out: Path) -> list[str]:
-    """The run files (RUN_FILES) an output_dir holds, folders with a trailing slash."""
+    """The run files (RUN_FILES) an output_dir holds, folders with a trailing slash; [] when it holds no
+    run, or only the config.json of one that stopped before training (nothing of it to mix with)."""
     if not out.is_dir():
         return []
-    return [name + ("/" if (out / name).is_dir() else "") for name in RUN_FILES if (out / name).exists()]
+    held = [name + ("/" if (out / name).is_dir() else "") for name in RUN_FILES if (out / name).exists()]
+    return [] if held in ([], ["config.json"]) else held
 
 
 def _check_same_training(saved_path: Path, cfg: TrainConfig, what: str, fix: str) -> TrainConfig:

@@ -158,8 +158,8 @@ def _iter_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             try:
                 data = json.load(handle)
             except json.JSONDecodeError as err:
-                cut = "; the file ends there (cut off?)" if not err.doc[err.pos:].strip() else ""
-                raise DataFileError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}){cut}") from None
+                cut = "; it does not end with ']' (cut off?)" if not err.doc.rstrip().endswith("]") else ""
+                raise DataFileError(f"{path}: not valid JSON ({err.msg}: line {err.lineno}, column {err.colno}){cut}") from None
             for index, raw in enumerate(data):
                 yield index, raw, None
             return
@@ -173,8 +173,8 @@ def _iter_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             except json.JSONDecodeError as err:
                 if index == 0 and head == "{":
                     _refuse_single_object(path)
-                cut = ", where the line ends (cut off?)" if not text[err.pos:].strip() else ""
-                yield index, None, f"line {line_number} is not valid JSON ({err.msg} at column {err.pos + 1}{cut})"
+                cut = "; it does not end with '}' (cut off?)" if not text.rstrip().endswith("}") else ""
+                yield index, None, f"line {line_number} is not valid JSON ({err.msg}: column {err.pos + 1}){cut}"
             else:
                 if index == 0:
                     _refuse_wrapper(path, raw)
