@@ -557,16 +557,48 @@ def check_image_bytes(data: bytes) -> None:
         raise _Reason(f"embedded image unreadable ({type(err).__name__}: {err})") from None
 
 
-def load_image(record: PreferenceRecord):
-    """The record's image as RGB. RGBA / LA / P-with-transparency are composited on white; other modes
-    (L, P, CMYK, I;16 …) are converted. Raises BadRecordError if the file cannot be read."""
+# Most pixels an image is decoded to: above every supported processor's own input size (Qwen2-VL's default
+# max_pixels is 12,845,056; LLaVA, Idefics3, PaliGemma resize to far less), so no model sees fewer pixels.
+MAX_DECODED_PIXELS = 4096 * 4096
+
+
+def decode_rgb(source, max_pixels: int = MAX_DECODED_PIXELS):
+    """An image file (a path or a file object) decoded as RGB, reduced by the smallest integer factor that
+    brings it to at most `max_pixels` pixels; an image within it decodes exactly as before.
+
+    A reduced image is decoded small where the codec can (JPEG `draft`: the DCT at 1/2, 1/4 or 1/8 scale)
+    and otherwise box-averaged once after decoding (`Image.reduce`). A 12000×12000 flat PNG then costs its
+    decoded bytes once (432 MB RGB) instead of the processor's float copies and a full-size corrupted
+    copy (several GB). Pillow's own limit still refuses a larger one (`Image.MAX_IMAGE_PIXELS`, 2× of it:
+    DecompressionBombError) before it is decoded; its warning for the sizes in between is not repeated.
+    """
+    import math
+    import warnings
+
     from PIL import Image
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # handled here: such an image is reduced
+        with Image.open(source) as image:
+            factor = math.ceil(math.sqrt(image.width * image.height / max_pixels))
+            if factor > 1:
+                image.draft("RGB", (math.ceil(image.width / factor), math.ceil(image.height / factor)))
+            image.load()
+            factor = math.ceil(math.sqrt(image.width * image.height / max_pixels))  # after draft: what is left
+            if factor <= 1:
+                return to_rgb(image)
+            if image.mode in ("L", "RGB", "RGBA", "LA", "I", "F", "CMYK", "YCbCr"):  # modes Image.reduce takes
+                return to_rgb(image.reduce(factor))
+            return to_rgb(image).reduce(factor)  # P, 1, I;16: converted first
+
+
+def load_image(record: PreferenceRecord, max_pixels: int = MAX_DECODED_PIXELS):
+    """The record's image as RGB, at most `max_pixels` pixels (`decode_rgb`: a larger one is decoded
+    reduced). RGBA / LA / P-with-transparency are composited on white; other modes (L, P, CMYK, I;16 …)
+    are converted. Raises BadRecordError naming the record if the file cannot be read or is refused."""
     try:
         source = io.BytesIO(record.image_bytes) if record.image_bytes is not None else record.image_path
-        with Image.open(source) as image:
-            image.load()
-            return to_rgb(image)
+        return decode_rgb(source, max_pixels)
     except Exception as err:  # noqa: BLE001
         raise BadRecordError(record.index, record.sample_id,
                              f"image file unreadable: {record.image_path} ({type(err).__name__}: {err})") from None
