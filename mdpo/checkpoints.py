@@ -242,7 +242,8 @@ def load_trainable(model: torch.nn.Module, ckpt: Path, key: str, cast: bool = Fa
     problems = trainable_problems(trainable, model, cast=cast)
     if problems:
         raise CheckpointError(f"{key}={ckpt}: trainable.pt does not hold this run's trained parameters: " + "; ".join(problems)
-                              + " (a damaged checkpoint, or one of another model / LoRA setting)")
+                              + " (a damaged checkpoint, or one of another model, LoRA or model.dtype setting: dtype auto is "
+                              "bf16 on a GPU, fp32 on the CPU)")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in trainable.items():
