@@ -187,7 +187,8 @@ def prepare_reference_cache(path: Path, cfg, accelerator, scorer, records, colla
         except StaleCacheError as err:
             if not replaces_stale_cache(cfg, path):
                 raise
-            accelerator.print(f"reference log-probs: {err} — recomputing it in place (overwrite_output_dir: true)")
+            reason = str(err).split("; delete")[0]  # its advice (delete the file) is what happens here
+            accelerator.print(f"reference log-probs: {reason}; recomputing it in place (overwrite_output_dir: true)")
     pairs, corrupted = missing_entries(cached, records, needed, has_corrupted)
     if not pairs and not corrupted:
         accelerator.print(f"reference log-probs: reusing {path}")
