@@ -94,7 +94,8 @@ def _train(config: str, overrides: list[str], log: Path) -> None:
     """One `mdpo-train CONFIG key=value ...` in a subprocess (the user's own entry point)."""
     from mdpo.config import TrainConfig
 
-    overrides = [*overrides, "progress_bar=false", "tensorboard=false", "plots=false"]
+    # overwrite_output_dir: this script owns its work folder and retrains every run in it (an SFT retry, a rerun)
+    overrides = [*overrides, "progress_bar=false", "tensorboard=false", "plots=false", "overwrite_output_dir=true"]
     if hasattr(TrainConfig(), "eval_generate_every"):
         overrides.append("eval_generate_every=0")
     if IN_PROCESS["on"]:

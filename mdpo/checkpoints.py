@@ -40,6 +40,7 @@ STEP_DIR = re.compile(r"step-(\d+)")
 TMP_PREFIX = ".tmp-"
 REQUIRED_FILES = ("state.pt", "config.json", "rng-0.pt")
 WEIGHT_FILES = ("trainable.pt", "dcp/.metadata", "deepspeed")  # one of them, by engine (ddp, fsdp2, zero2/3)
+POSITION_KEYS = ("epoch", "step_in_epoch", "global_step")  # state.pt's loop position: three ints
 
 
 class CheckpointError(ConfigError):
@@ -64,6 +65,22 @@ def _publish(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
+def torch_load_problem(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one sentence: the pickled global it met
+    ("GLOBAL io.open"), the unpickler's own complaint, or the first sentence of any other error
+    (a truncated file's "PytorchStreamReader failed reading zip archive: ...")."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a pickled Python object (GLOBAL {found.group(1)}) that could run code when loaded"
+    if "WeightsUnpickler error:" in text:
+        rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        return f"it holds something other than tensors and plain containers ({rest[0] if rest else 'unpickler error'})"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = first.split(". ")[0].rstrip(".")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def load_file(path: Path, **kwargs):
     """torch.load with weights_only=True; anything that is not tensors and plain containers (a pickled
     object, a foreign or truncated file) is refused with a CheckpointError naming the file."""
@@ -72,8 +89,8 @@ def load_file(path: Path, **kwargs):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 — UnpicklingError for unsafe content, others for damage
-        raise CheckpointError(f"{path}: cannot be loaded safely (weights_only=True): only tensors and plain "
-                              f"containers are accepted in a checkpoint ({type(exc).__name__}: {str(exc)[:300]})") from exc
+        raise CheckpointError(f"{path}: cannot be loaded safely (weights_only=True): {torch_load_problem(exc)}; a checkpoint "
+                              "file holds only tensors and plain containers") from None
 
 
 # -------------------------------------------------------------------------------------------- RNG
@@ -186,38 +203,96 @@ def prune_checkpoints(out: Path, limit: int, keep: list[Path]) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- load
-def checkpoint_engine(ckpt: Path) -> str:
-    """The engine that wrote a checkpoint (state.pt's "engine"; checkpoints from before engines: ddp)."""
-    return str(load_file(ckpt / "state.pt", mmap=True).get("engine", "ddp"))
+def _listed(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_trainable(model: torch.nn.Module, ckpt: Path, key: str) -> None:
-    """Copy a checkpoint's trained parameters (by name) into `model`, whatever engine wrote them
-    (ddp: trainable.pt; fsdp2 / zero: whole tensors put together from the shards); `key` names the
-    setting that pointed at the checkpoint, for the error messages."""
-    if not (ckpt / "state.pt").is_file():
-        raise ConfigError(f"{key}={ckpt}: not a checkpoint folder (no state.pt)")
-    engine = checkpoint_engine(ckpt)
+def trainable_problems(trainable, model: torch.nn.Module, cast: bool = False) -> list[str]:
+    """What keeps a trainable.pt from being exactly the trained parameters of `model`, one phrase each
+    (empty: it fits). The model's trained parameters are those with requires_grad: every one must be in
+    the file, as a tensor of its shape and dtype, and the file must hold nothing else. cast=True lets a
+    floating-point tensor fill a parameter of another floating dtype (evaluation on another device:
+    fp32 saved on the CPU, bf16 on the GPU); a resumed run needs the exact dtype its optimizer state has."""
+    if not isinstance(trainable, dict):
+        return [f"it holds a {type(trainable).__name__}, not a mapping of parameter names to tensors"]
     params = dict(model.named_parameters())
-    if engine == "ddp":
-        if not (ckpt / "trainable.pt").is_file():
-            raise ConfigError(f"{key}={ckpt}: not a checkpoint folder (no trainable.pt)")
-        trainable = load_file(ckpt / "trainable.pt")
-    else:
-        from .distributed import read_trained_weights
-
-        trainable = read_trained_weights(ckpt, engine, {n: p for n, p in params.items() if p.requires_grad})
-    missing = sorted(set(trainable) - set(params))
+    trained = sorted(n for n, p in params.items() if p.requires_grad)
+    problems = []
+    unknown = sorted(set(trainable) - set(params))
+    if unknown:
+        problems.append(f"{len(unknown)} tensor(s) this model does not have ({_listed(unknown)})")
+    missing = [n for n in trained if n not in trainable]
     if missing:
-        raise ConfigError(f"{key}={ckpt}: checkpoint parameters not in this model, e.g. {missing[:3]}")
+        problems.append(f"{len(missing)} of the {len(trained)} trained tensors are missing ({_listed(missing)})")
+    wrong = []
+    for name in sorted(set(trainable) & set(params)):
+        value, param = trainable[name], params[name]
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{name} is a {type(value).__name__}, not a tensor")
+        elif value.shape != param.shape:
+            wrong.append(f"{name} has shape {tuple(value.shape)}, the model's {tuple(param.shape)}")
+        elif value.dtype != param.dtype and not (cast and value.dtype.is_floating_point and param.dtype.is_floating_point):
+            wrong.append(f"{name} is {str(value.dtype).removeprefix('torch.')}, the model's {str(param.dtype).removeprefix('torch.')}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) do not fit: {_listed(wrong, 2)}")
+    return problems
+
+
+def apply_trainable(model: torch.nn.Module, trainable, key: str, ckpt: Path, what: str, cast: bool = False) -> None:
+    """Copy trained parameters {name: tensor} read from a checkpoint into `model`, after checking they are
+    exactly its trained parameters (`trainable_problems`); `what` names where they were read from."""
+    problems = trainable_problems(trainable, model, cast=cast)
+    if problems:
+        raise CheckpointError(f"{key}={ckpt}: {what} does not hold this run's trained parameters: " + "; ".join(problems)
+                              + " (a damaged checkpoint, or one of another model, LoRA or model.dtype setting: dtype auto is "
+                              "bf16 on a GPU, fp32 on the CPU)")
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in trainable.items():
             params[name].copy_(value)
 
 
+def load_trainable(model: torch.nn.Module, ckpt: Path, key: str, cast: bool = False) -> None:
+    """Copy a ddp checkpoint's trained parameters (trainable.pt, by name) into `model`; `key` names the
+    setting that pointed at the checkpoint, for the error messages. (Any engine's checkpoint:
+    `mdpo.distributed.load_trained_weights`.)
+
+    The file must hold every parameter of `model` that trains (requires_grad), with its shape and dtype,
+    and no other (`trainable_problems`; cast: see there): a missing tensor would otherwise stay at its
+    initial value without a word (LoRA B at zero), and another LoRA rank would end in a traceback.
+    """
+    if not (ckpt / "state.pt").is_file() or not (ckpt / "trainable.pt").is_file():
+        raise CheckpointError(f"{key}={ckpt}: not a checkpoint folder (no state.pt / trainable.pt)")
+    apply_trainable(model, load_file(ckpt / "trainable.pt"), key, ckpt, "trainable.pt", cast=cast)
+
+
+def checkpoint_engine(ckpt: Path) -> str:
+    """The engine that wrote a checkpoint (state.pt's "engine"; checkpoints from before engines: ddp)."""
+    return str(read_state(ckpt, mmap=True).get("engine", "ddp"))
+
+
+def read_state(ckpt: Path, **kwargs) -> dict:
+    """state.pt, checked: a mapping with the loop position (three ints: `POSITION_KEYS`), the scheduler
+    state and, for ddp, the optimizer state (other engines keep it in their own files); CheckpointError
+    naming the file otherwise."""
+    path = Path(ckpt) / "state.pt"
+    state = load_file(path, **kwargs)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not the mapping a checkpoint's state.pt holds")
+    position = state.get("position")
+    if not isinstance(position, dict) or not all(isinstance(position.get(k), int) and position[k] >= 0 for k in POSITION_KEYS):
+        raise CheckpointError(f"{path}: no loop position ('position' with {', '.join(POSITION_KEYS)} as ints ≥ 0; "
+                              f"found {position!r:.80}): a damaged or foreign checkpoint")
+    needed = ("optimizer", "scheduler") if state.get("engine", "ddp") == "ddp" else ("scheduler",)
+    missing = [k for k in needed if not isinstance(state.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: no {' / '.join(missing)} state: a damaged or foreign checkpoint")
+    return state
+
+
 def read_position(ckpt: Path) -> dict:
     """The loop position of a checkpoint (mmap: the optimizer state is not read into memory)."""
-    return load_file(ckpt / "state.pt", mmap=True)["position"]
+    return read_state(ckpt, mmap=True)["position"]
 
 
 def load_checkpoint(ckpt: Path, engine, module, optimizer, scheduler, seed: int = 0) -> dict:
@@ -228,14 +303,18 @@ def load_checkpoint(ckpt: Path, engine, module, optimizer, scheduler, seed: int 
     rng-K.pt gets RNG states seeded from (seed, step, K) — deterministic, but not what an unchanged run
     would draw — and a note is printed; with fewer, the extra rng files are unused.
     """
-    state = load_file(ckpt / "state.pt")
+    state = read_state(ckpt)
     saved_engine = str(state.get("engine", "ddp"))
     if saved_engine != engine.name:
         raise CheckpointError(f"resume_from={ckpt}: written with distributed.engine={saved_engine}, this run uses "
                               f"{engine.name}; resume with distributed.engine={saved_engine} (start a new run from its "
                               "final/ weights to change engines)")
     engine.load(ckpt, module, optimizer, state)
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"resume_from={ckpt}: state.pt's scheduler state does not fit this run "
+                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
     position = state["position"]
     saved = int(state.get("processes", 1))
     rank, world = engine.rank, engine.world

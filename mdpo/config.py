@@ -6,6 +6,7 @@ the wrong type are rejected with a message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,11 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import MdpoError
-
-
-class ConfigError(MdpoError, ValueError):
-    """A config file or override that cannot be used as it is; the message names the key."""
+from .errors import ConfigError  # noqa: F401 — ConfigError is imported from here too
 
 
 @dataclass
@@ -85,6 +82,7 @@ class DistributedConfig:
 class TrainConfig:
     objective: str = "mdpo"  # mdpo | dpo | dpo_no_image | mdpo_no_conditional | mdpo_no_anchor | sft (chosen answers only, no reference)
     output_dir: str = "outputs/mdpo"  # metrics, checkpoints, plots and final weights are written here
+    overwrite_output_dir: bool = False  # a fresh run into an output_dir holding another run: false refuses it; true deletes that run's files first (a reference cache there is kept: reused if its fingerprint matches, else recomputed)
     seed: int = 42  # model initialisation (presets), record order and LoRA dropout
     epochs: int = 3  # passes over the training records
     max_steps: int = -1  # optimizer steps; -1: run all epochs
@@ -206,9 +204,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_line(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(tree).__name__}")
     for item in overrides:
@@ -218,11 +218,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {yaml_error_line(exc)}") from None
         _set_dotted(tree, key.strip(), value)
     config = _build(TrainConfig, tree)
     validate(config)
     return config
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: what is wrong and where (PyYAML's own text runs over several
+    lines, quoting the source with a caret under the position)."""
+    problem = getattr(exc, "problem", None)
+    if problem is None:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    mark, context, context_mark = exc.problem_mark, exc.context, exc.context_mark
+    line = problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+    if context:
+        line += f" ({context}" + (f" from line {context_mark.line + 1}, column {context_mark.column + 1}" if context_mark else "") + ")"
+    return line
+
+
+def _float_keys(node, prefix: str = ""):
+    """(dotted key, value) of every float value in a config (sections walked)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_keys(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield prefix + f.name, value
+        elif isinstance(value, tuple):
+            yield from ((f"{prefix}{f.name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
 
 
 def validate(config: TrainConfig) -> None:
@@ -262,9 +287,24 @@ def validate(config: TrainConfig) -> None:
         if not config.tensorboard and config.report_to == "tensorboard":
             config.report_to = "none"
         config.tensorboard = None
+    for key, value in _float_keys(config):  # YAML reads .nan: no setting means "not a number"
+        if math.isnan(value):
+            raise ConfigError(f"{key} is nan; give a number")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"lr must be a finite number > 0 (the peak learning rate), got {config.lr}")
+    if not (math.isfinite(config.loss.beta) and config.loss.beta > 0):
+        raise ConfigError(f"loss.beta must be a finite number > 0, got {config.loss.beta} (β ≤ 0 zeroes or reverses every "
+                          "preference: the rewards are β·(log π − log ρ))")
+    if not 0 <= config.warmup_ratio <= 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1] (the fraction of the steps that warm up), got {config.warmup_ratio}")
+    if config.data.max_length < 1:
+        raise ConfigError(f"data.max_length must be ≥ 1 (tokens per row, image tokens included), got {config.data.max_length}")
     for key in ("micro_batch_size", "effective_batch_size", "epochs"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {getattr(config, key)}")
+    if config.overwrite_output_dir and config.resume_from == "latest":
+        raise ConfigError("overwrite_output_dir=true and resume_from=latest contradict each other: a resumed run continues "
+                          "the run in output_dir, an overwrite deletes it; set one of them")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be ≥ 0, got {config.data.num_workers}")
     for key in ("max_pixels", "min_pixels"):

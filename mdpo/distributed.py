@@ -239,10 +239,14 @@ class Engine:
 
     def load(self, folder: Path, module, optimizer, state: dict) -> None:
         """Restore what `save` wrote (after the checkpoint's files were checked)."""
-        from .checkpoints import load_trainable
+        from .checkpoints import CheckpointError, load_trainable
 
         load_trainable(self.unwrap(module).model, folder, "resume_from")
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:  # torch's own checks of the groups and sizes
+            raise CheckpointError(f"resume_from={folder}: state.pt's optimizer state does not fit this run "
+                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
 
     def gather_weights(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         """{name: whole tensor on the CPU} on the main process (None elsewhere): the trained parameters,
@@ -602,6 +606,19 @@ def check_deepspeed_files(folder: Path) -> None:
                 text = " ".join(str(exc).split())
                 raise CheckpointError(f"{file}: cannot be loaded safely (weights_only=True): only tensors, plain containers "
                                       f"and DeepSpeed's own checkpoint classes are accepted ({type(exc).__name__}: {text[:300]}).") from exc
+
+
+def load_trained_weights(model: torch.nn.Module, ckpt: Path, key: str, cast: bool = False) -> None:
+    """Copy the trained parameters of a checkpoint any engine wrote into `model` (one process, whole
+    tensors): `mdpo-eval`, generation from a checkpoint. ddp: trainable.pt; fsdp2 / zero: put together
+    from the shards. Every trained parameter must be there with its shape (`checkpoints.apply_trainable`)."""
+    from .checkpoints import apply_trainable, checkpoint_engine, load_trainable
+
+    engine = checkpoint_engine(ckpt)
+    if engine == "ddp":
+        return load_trainable(model, ckpt, key, cast=cast)
+    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    apply_trainable(model, read_trained_weights(ckpt, engine, expected), key, ckpt, f"its {engine} shards", cast=cast)
 
 
 def read_trained_weights(folder: Path, engine: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,6 +10,10 @@ class MdpoError(Exception):
     """
 
 
+class ConfigError(MdpoError, ValueError):
+    """A config file, override or setting that cannot be used as it is; the message names the key."""
+
+
 class ModelLoadError(MdpoError, ValueError):
     """A model folder, preset, family or model_type that cannot be used; the message names it."""
 

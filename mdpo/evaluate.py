@@ -92,7 +92,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     settings (its config.json), the checkpoint's trained parameters, the reference live (adapters
     disabled; for full fine-tuning the initial weights). -> {"checkpoint", "step", "data", metrics...}."""
     from .config import ConfigError, load_config
-    from .checkpoints import load_trainable, read_position
+    from .checkpoints import read_position
+    from .distributed import load_trained_weights
     from .components import build_model, load_processor, make_collator, make_corruption, make_criterion, read_records
 
     checkpoint = Path(checkpoint)
@@ -105,6 +106,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
         raise ConfigError(f"checkpoint={checkpoint}: its run had no data.eval_path; name the records with --data")
     if not Path(data_path).exists():
         raise ConfigError(f"{source} {data_path}: no such file of held-out records (relative paths start in this folder)")
+    # mmap: only the position is read, not the optimizer state (two copies of the weights for full fine-tuning);
+    # weights_only=True: a shared checkpoint cannot run code. Read first: a damaged state.pt is named before any work.
+    position = read_position(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prepared = load_processor(cfg)  # the records are read and checked with the run's settings before any weight loads
     records = read_records(cfg, data_path, prepared, what=source).records
@@ -112,16 +116,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ov
     reference_model = None
     if cfg.model.finetune in ("full", "all"):  # the reference is the initial model: keep a copy before loading
         reference_model = copy.deepcopy(loaded.model).eval().requires_grad_(False).to(device)
-    load_trainable(loaded.model, checkpoint, "checkpoint")
+    load_trained_weights(loaded.model, checkpoint, "checkpoint", cast=True)  # floating dtypes may differ (a CPU run evaluated in bf16)
     loaded.model.to(device)
     corruption = make_corruption(cfg)
     scorer = SequenceScorer(loaded.model, loaded.adapter, average=cfg.loss.average_logprobs, impl=cfg.kernel_impl,
                             shared_prefix=cfg.model.shared_prefix)
     metrics = evaluate(scorer, make_criterion(cfg), records, make_collator(cfg, loaded, corruption, records),
                        micro_batch_size=cfg.micro_batch_size, device=device, reference_model=reference_model)
-    # mmap: only the position is read, not the optimizer state (two copies of the weights for full fine-tuning);
-    # weights_only=True: a shared checkpoint cannot run code
-    position = read_position(checkpoint)
     return {"checkpoint": str(checkpoint), "step": position["global_step"], "data": str(data_path), **metrics}
 
 

@@ -7,7 +7,9 @@ running a second model forward every step.
 
 The file stores a fingerprint of everything ρ depends on: the model's weights and settings, the
 dataset file, the corruption settings, the processor, the objective's branches. A cache whose
-fingerprint differs from the run's is refused with the list of differing fields. The table may be
+fingerprint differs from the run's is refused with the list of differing fields. Beside the
+fingerprint it stores a checksum of its values (`values_checksum`): a file whose values were edited,
+permuted between ids, bit-flipped or cut off is refused too, naming the file. The table may be
 partial (a short run scores only the entries it reaches): it says which entries it holds, and a
 lookup of one it lacks is refused.
 """
@@ -22,7 +24,7 @@ import torch
 
 from .errors import MdpoError
 
-CACHE_VERSION = 2  # 2: entries may be partial (pair_held, corrupted_held)
+CACHE_VERSION = 3  # 2: entries may be partial (pair_held, corrupted_held); 3: a checksum of the values
 
 
 class StaleCacheError(MdpoError, RuntimeError):
@@ -95,6 +97,23 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def values_checksum(sample_ids: list[str], *tensors: torch.Tensor | None) -> str:
+    """sha256 of the ids in order and of every table's dtype, shape and bytes: any edit of a value, any
+    permutation of values between ids, any flipped bit changes it. Costs one pass over N·(3 + 2E) numbers."""
+    h = hashlib.sha256(json.dumps(list(sample_ids), ensure_ascii=False).encode("utf-8"))
+    for tensor in tensors:
+        if tensor is None:
+            h.update(b"none")
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+CACHE_FIELDS = ("sample_ids", "chosen", "rejected", "corrupted", "pair_held", "corrupted_held")  # checksummed, in this order
+
+
 def describe_difference(cached: dict, current: dict) -> list[str]:
     keys = sorted(set(cached) | set(current))
     return [f"{k}: cache has {cached.get(k)!r}, this run has {current.get(k)!r}" for k in keys if cached.get(k) != current.get(k)]
@@ -163,12 +182,10 @@ class ReferenceCache:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(
-            {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "sample_ids": self.sample_ids,
-             "chosen": self.chosen, "rejected": self.rejected, "corrupted": self.corrupted,
-             "pair_held": self.pair_held, "corrupted_held": self.corrupted_held},
-            tmp,
-        )
+        values = {"sample_ids": self.sample_ids, "chosen": self.chosen, "rejected": self.rejected, "corrupted": self.corrupted,
+                  "pair_held": self.pair_held, "corrupted_held": self.corrupted_held}
+        checksum = values_checksum(*(values[k] for k in CACHE_FIELDS))
+        torch.save({"version": CACHE_VERSION, "fingerprint": self.fingerprint, "checksum": checksum, **values}, tmp)
         tmp.replace(path)  # never leave a half-written cache behind
 
     @classmethod
@@ -206,22 +223,34 @@ class ReferenceCache:
 
     @classmethod
     def load(cls, path: str | Path, expected_fingerprint: dict) -> "ReferenceCache":
-        """Load and check the fingerprint; raise StaleCacheError saying what differs."""
+        """Load and check the fingerprint and the values' checksum; raise StaleCacheError saying what differs
+        (a file that is not a cache, or whose values do not match their checksum, names the file)."""
+        from .checkpoints import torch_load_problem
+
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 — a corrupt file is a stale cache
-            raise StaleCacheError(f"reference cache {path} cannot be read ({exc}); delete it to recompute") from exc
+            raise StaleCacheError(f"reference cache {path} cannot be read ({torch_load_problem(exc)}); delete it to recompute") from None
+        if not isinstance(blob, dict) or not isinstance(blob.get("fingerprint"), dict):
+            what = f"a {type(blob).__name__}" if not isinstance(blob, dict) else "a mapping without a fingerprint"
+            raise StaleCacheError(f"reference cache {path} is not a reference cache ({what}); delete it, or point "
+                                  "reference.cache_path elsewhere, to recompute")
         if blob.get("version") != CACHE_VERSION:
             raise StaleCacheError(f"reference cache {path} has format version {blob.get('version')}, expected {CACHE_VERSION}; "
                                   "delete it to recompute")
         diff = describe_difference(blob["fingerprint"], expected_fingerprint)
         if diff:
-            raise StaleCacheError(
-                f"reference cache {path} was computed for a different setting:\n  " + "\n  ".join(diff)
-                + "\nDelete the file (or point reference.cache_path elsewhere) to recompute it."
-            )
-        return cls(blob["fingerprint"], blob["sample_ids"], blob["chosen"], blob["rejected"], blob["corrupted"],
-                   blob["pair_held"], blob["corrupted_held"])
+            raise StaleCacheError(f"reference cache {path} was computed for a different setting ({'; '.join(diff)}); delete "
+                                  "the file (or point reference.cache_path elsewhere) to recompute it")
+        try:
+            values = {k: blob[k] for k in CACHE_FIELDS}
+            intact = blob.get("checksum") == values_checksum(*(values[k] for k in CACHE_FIELDS))
+        except (KeyError, TypeError, AttributeError, RuntimeError):  # a field missing or of another type
+            intact = False
+        if not intact:
+            raise StaleCacheError(f"reference cache {path}: its values do not match their checksum (edited, permuted or "
+                                  "damaged since they were computed); delete it to recompute")
+        return cls(blob["fingerprint"], *(values[k] for k in CACHE_FIELDS))
 
 
 def canonical(fingerprint: dict) -> dict:

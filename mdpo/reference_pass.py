@@ -19,7 +19,7 @@ import torch
 from .config import TrainConfig
 from .loss import get_objective
 from .data.records import dataset_digest
-from .reference_cache import ReferenceCache, canonical, weights_digest
+from .reference_cache import ReferenceCache, StaleCacheError, canonical, weights_digest
 from .scoring import move_batch, reference_logps
 
 
@@ -171,6 +171,15 @@ def reference_cache_paths(cfg: TrainConfig) -> tuple[Path, Path]:
     return train_path, train_path.with_name(f"{train_path.stem}-eval{train_path.suffix}")
 
 
+def replaces_stale_cache(cfg, path: Path) -> bool:
+    """A stale cache is recomputed instead of refused only for a run that overwrites its output_dir
+    (`overwrite_output_dir: true`, `mdpo.run_dir`) and only when the cache lies in that folder: one
+    elsewhere (reference.cache_path) may be shared, and its refusal stands."""
+    if not getattr(cfg, "overwrite_output_dir", False):
+        return False
+    return Path(cfg.output_dir).resolve() in Path(path).resolve().parents
+
+
 def prepare_reference_cache(path: Path, cfg, engine, scorer, records, collator, fingerprint, n_corruption_epochs, reference_model,
                             needed: dict[int, Sequence[int]] | None = None):
     """The cache at `path` holding every entry this run reads: loaded if it holds them all, else the
@@ -187,7 +196,15 @@ def prepare_reference_cache(path: Path, cfg, engine, scorer, records, collator, 
     if needed is None:
         needed = {e: range(len(records)) for e in range(n_corruption_epochs)}
     has_corrupted = fingerprint["objective.branches"][-1] == "corrupted"
-    cached = ReferenceCache.load(path, fingerprint) if path.exists() else None  # StaleCacheError listing what differs
+    cached = None
+    if path.exists():
+        try:
+            cached = ReferenceCache.load(path, fingerprint)  # StaleCacheError listing what differs
+        except StaleCacheError as err:
+            if not replaces_stale_cache(cfg, path):
+                raise
+            reason = str(err).split("; delete")[0]  # its advice (delete the file) is what happens here
+            engine.print(f"reference log-probs: {reason}; recomputing it in place (overwrite_output_dir: true)")
     pairs, corrupted = missing_entries(cached, records, needed, has_corrupted)
     if not pairs and not corrupted:
         engine.print(f"reference log-probs: reusing {path}")

@@ -24,15 +24,16 @@ from typing import Any
 
 import torch
 
-from .checkpoints import checkpoints_dir, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import checkpoints_dir, load_checkpoint, save_checkpoint
 from .components import (build_model, check_report_to, load_processor, make_collator, make_corruption, make_criterion,
                          make_metrics_writer, out_of_memory_message, read_records, seed_everything)
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
 from .distributed import Engine, describe, make_engine
+from .data.records import identical_pairs_note
 from .errors import MdpoError, TrainingOutOfMemoryError
 from .loss import get_objective
-from .optim import make_optimizer
 from .reference_pass import prepare_reference_cache, reference_cache_paths, run_fingerprint
+from .run_dir import claim_output_dir
 from .scoring import SequenceScorer, move_batch, reference_logps
 
 PLOT_GROUPS = {
@@ -235,6 +236,7 @@ def setup(cfg: TrainConfig, engine: Engine) -> Run:
     schedule, then the weights."""
     check_paths(cfg)
     out = Path(cfg.output_dir)
+    resume = claim_output_dir(cfg, engine)  # another run's folder, or a checkpoint of other settings: refused (run_dir.py)
     if engine.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
@@ -247,6 +249,8 @@ def setup(cfg: TrainConfig, engine: Engine) -> Run:
     result = read_records(cfg, cfg.data.path, loaded)
     for index, sample_id, reason in result.skipped:
         engine.print(f"skipped record {index} (id {sample_id}): {reason}")
+    if (note := identical_pairs_note(result.records, cfg.data.path, cfg.objective)) is not None:  # chosen == rejected
+        engine.print(note)
     corruption = make_corruption(cfg)
     collator = make_collator(cfg, loaded, corruption, result.records)
     engine.print(collator.describe_prompts(result.records))
@@ -257,12 +261,13 @@ def setup(cfg: TrainConfig, engine: Engine) -> Run:
         raise ConfigError(f"effective_batch_size={cfg.effective_batch_size} is not a multiple of micro_batch_size·processes = {cfg.micro_batch_size * engine.world}")
     steps_per_epoch = len(result.records) // cfg.effective_batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(result.records)} records are fewer than one effective batch of {cfg.effective_batch_size} pairs")
+        raise ConfigError(f"data.path={cfg.data.path}: {len(result.records)} usable record(s) are fewer than one effective batch of {cfg.effective_batch_size} pairs")
     run = Run(cfg=cfg, engine=engine, out=out, loaded=loaded, spec=spec, records=result.records, skipped=result.skipped,
               collator=collator, eval_records=eval_records, eval_collator=eval_collator,
               accum=cfg.effective_batch_size // (cfg.micro_batch_size * engine.world), steps_per_epoch=steps_per_epoch,
               total_steps=steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs),
-              n_corruption_epochs=1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs)
+              n_corruption_epochs=1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs,
+              resume=resume)
     setup_model(run)
     setup_reference(run)
     setup_resume(run)
@@ -314,8 +319,7 @@ def setup_reference(run: Run) -> None:
 def setup_resume(run: Run) -> None:
     """resume_from: load the checkpoint and drop the metrics rows a killed run logged after it."""
     cfg, engine = run.cfg, run.engine
-    run.resume = resolve_resume(cfg.resume_from, run.out)
-    if run.resume is not None:
+    if run.resume is not None:  # claimed by claim_output_dir: same training settings, a readable position
         run.position = load_checkpoint(run.resume, engine, run.module, run.optimizer, run.scheduler, seed=cfg.seed)
         engine.print(f"resumed from {run.resume} at step {run.position['global_step']}")
         if engine.is_main:

@@ -201,5 +201,6 @@ def test_mdpo_train_on_a_save_to_disk_folder_with_the_cached_reference(table, tm
 
     shutil.rmtree(folder)
     shutil.copytree(tmp_path / "edited", folder)
-    with pytest.raises(StaleCacheError, match="data.sha256"):
-        train(load_config(None, overrides))
+    again = [*overrides, f"output_dir={tmp_path / 'again'}", f"reference.cache_path={tmp_path / 'run' / 'reference_logps.pt'}"]
+    with pytest.raises(StaleCacheError, match="data.sha256"):  # a new run reading the first run's cache
+        train(load_config(None, again))

@@ -122,13 +122,15 @@ def test_training_evaluates_held_out_pairs_and_caches_their_reference(sample, tm
     assert summary["eval"]["first"] == rows[0] and summary["eval"]["last"] == rows[-1]
     assert (out / "reference_logps-eval.pt").is_file()
     assert "held-out @ step 2 (5 pairs)" in capsys.readouterr().out
-    # A second run reuses both caches; another held-out file is refused, naming what differs.
-    train(load_config(None, _overrides(sample, out, "max_steps=1", f"data.eval_path={sample[1]}")))
+    # A second run (over the first: overwrite_output_dir keeps the caches) reuses both caches; another
+    # held-out file is refused, naming what differs.
+    train(load_config(None, _overrides(sample, out, "max_steps=1", f"data.eval_path={sample[1]}", "overwrite_output_dir=true")))
     assert capsys.readouterr().out.count("reusing") == 2
     other = sample[1].parent / "other_eval.json"  # beside the images it names
     other.write_text(json.dumps(json.loads(sample[1].read_text())[:4]))
-    with pytest.raises(StaleCacheError, match=r"reference_logps-eval.pt was computed for a different setting:\n  data.records.*\n  data.sha256"):
-        train(load_config(None, _overrides(sample, out, "max_steps=1", f"data.eval_path={other}")))
+    with pytest.raises(StaleCacheError, match=r"reference_logps-eval.pt was computed for a different setting \(data.records.*; data.sha256"):
+        train(load_config(None, _overrides(sample, tmp_path / "other", "max_steps=1", f"data.eval_path={other}",
+                                           f"reference.cache_path={out / 'reference_logps.pt'}")))
 
 
 def test_evaluation_leaves_training_bit_for_bit_unchanged(sample, tmp_path):

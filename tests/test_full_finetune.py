@@ -65,9 +65,9 @@ def test_bf16_full_finetune_changes_almost_every_weight(sample, tmp_path):
 
 def test_plain_adamw_on_bf16_weights_loses_most_updates(sample, tmp_path, monkeypatch):
     """The old path, for contrast: AdamW stepping the bf16 weights themselves."""
-    import mdpo.train
+    import mdpo.optim
 
-    monkeypatch.setattr(mdpo.train, "make_optimizer", lambda params, lr, weight_decay: torch.optim.AdamW(
+    monkeypatch.setattr(mdpo.optim, "make_optimizer", lambda params, lr, weight_decay: torch.optim.AdamW(
         params, lr=lr, weight_decay=weight_decay))
     out = tmp_path / "plain"
     _run(sample, out)

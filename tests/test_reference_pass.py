@@ -35,8 +35,11 @@ def test_a_changed_chat_template_or_image_mean_refuses_the_cache(sample, tmp_pat
     original = template.read_text()
     template.write_text(original + "{# edited #}")
     assert template.read_text() != original
+    def again(name):  # a new run (its own output_dir) reading the first run's cache
+        return load_config(None, _overrides(sample, tmp_path / name, model_dir, f"reference.cache_path={out / 'reference_logps.pt'}"))
+
     with pytest.raises(StaleCacheError, match=r"processor\.chat_template: cache has") as refused:
-        train(load_config(None, _overrides(sample, out, model_dir)))
+        train(again("template"))
     assert "image_processor" not in str(refused.value) and "tokenizer.vocab" not in str(refused.value)
     template.write_text(original)
     config_path = model_dir / "processor_config.json"
@@ -44,7 +47,7 @@ def test_a_changed_chat_template_or_image_mean_refuses_the_cache(sample, tmp_pat
     config["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]
     config_path.write_text(json.dumps(config))
     with pytest.raises(StaleCacheError, match=r"image_processor: cache has") as refused:
-        train(load_config(None, _overrides(sample, out, model_dir)))
+        train(again("image-mean"))
     assert "processor.chat_template" not in str(refused.value)
 
 
@@ -99,8 +102,9 @@ def test_a_short_run_scores_only_what_it_reaches_and_a_longer_run_adds_the_rest(
     assert sorted(s for s, held in zip(short["sample_ids"], short["corrupted_held"][0].tolist()) if held) == first
     assert not short["corrupted_held"][1].any()  # epoch 1 is never reached
     capsys.readouterr()
-    # 6 steps: all of epoch 0 and half of epoch 1; the 8 + 8 entries held are reused, the rest added.
-    train(load_config(None, _overrides(sample, out, model_dir, "max_steps=6", "seed=5")))
+    # 6 steps: all of epoch 0 and half of epoch 1; the 8 + 8 entries held are reused, the rest added. A new run
+    # in the same output_dir overwrites the old run's files but keeps (and extends) its cache.
+    train(load_config(None, _overrides(sample, out, model_dir, "max_steps=6", "seed=5", "overwrite_output_dir=true")))
     assert "8 chosen+rejected pairs, 16 corrupted rows) computed" in capsys.readouterr().out
     longer = torch.load(out / "reference_logps.pt", weights_only=True)
     assert longer["pair_held"].all() and longer["corrupted_held"][0].all()

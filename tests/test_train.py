@@ -104,13 +104,14 @@ def test_train_writes_outputs_and_refuses_a_stale_cache(sample, tmp_path, capsys
     for name in ("metrics.jsonl", "summary.json", "reference_logps.pt", "final/adapter_config.json", "plots/losses.png",
                  "merged/config.json", "checkpoints/step-000003/state.pt"):
         assert (out / name).exists(), name
-    # A second run reuses the cache ...
-    train(load_config(None, _overrides(sample, out, "max_steps=1")))
+    # A second run (over the first: overwrite_output_dir keeps the cache) reuses the cache ...
+    train(load_config(None, _overrides(sample, out, "max_steps=1", "overwrite_output_dir=true")))
     assert "reusing" in capsys.readouterr().out
-    # ... and a run with another corruption seed is refused, naming what differs.
+    # ... and a run reading it with another corruption seed is refused, naming what differs.
+    cache = f"reference.cache_path={out / 'reference_logps.pt'}"
     with pytest.raises(StaleCacheError, match=r"corruption: cache has"):
-        train(load_config(None, _overrides(sample, out, "max_steps=1", "data.corruption_seed=9")))
-    assert main([*_overrides(sample, out, "max_steps=1", "data.crop_area=[0.2, 0.5]")]) == 2
+        train(load_config(None, _overrides(sample, tmp_path / "seed-9", "max_steps=1", "data.corruption_seed=9", cache)))
+    assert main([*_overrides(sample, tmp_path / "crop", "max_steps=1", "data.crop_area=[0.2, 0.5]", cache)]) == 2
     assert "computed for a different setting" in capsys.readouterr().err
 
 

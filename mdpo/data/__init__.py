@@ -13,16 +13,19 @@ are imported on first use.
 from .corruption import STRATEGIES, CorruptionConfig, ImagePool, corrupt_image, crop_box
 from .records import (
     BadRecordError,
+    DataFileError,
     LoadResult,
     PreferenceRecord,
     SkippedRecord,
     dataset_digest,
+    identical_pairs,
+    identical_pairs_note,
     load_image,
-    load_records,
     split_paper_prompt,
 )
 
 _LAZY = {
+    "load_records": "loading",
     "PreferenceCollator": "collate",
     "load_processor": "collate",
     "detect_family": "collate",
@@ -43,7 +46,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "STRATEGIES", "BadRecordError", "CorruptionConfig", "ImagePool", "LoadResult", "PreferenceRecord",
-    "SkippedRecord", "corrupt_image", "crop_box", "dataset_digest", "load_image", "load_records", "split_paper_prompt",
+    "STRATEGIES", "BadRecordError", "CorruptionConfig", "DataFileError", "ImagePool", "LoadResult", "PreferenceRecord",
+    "SkippedRecord", "corrupt_image", "crop_box", "dataset_digest", "identical_pairs", "identical_pairs_note", "load_image", "load_records", "split_paper_prompt",
     *_LAZY,
 ]

@@ -16,7 +16,8 @@ from collections import Counter
 
 from ..errors import MdpoError
 from .corruption import STRATEGIES, CorruptionConfig
-from .records import BadRecordError, load_records
+from .loading import load_records
+from .records import BadRecordError, identical_pairs
 
 
 def _stats_line(name: str, values: list[int]) -> str:
@@ -83,6 +84,9 @@ def _check(args) -> int:
     lines.append(f"records: {result.num_read} read, {len(good)} valid, {len(bad)} bad")
     lines.append("shapes: " + (", ".join(f"{k} {v}" for k, v in sorted(shapes.items())) or "none"))
     lines.append(f"images: {len({r.image_path for r in good})} distinct files")
+    same = identical_pairs(good)  # not bad records: under mdpo the conditional and anchor terms still use them
+    lines.append(f"chosen == rejected: {len(same)} pair(s)" + (
+        " (their DPO term is constant), e.g. " + ", ".join(f"record {r.index} (id {r.sample_id!r})" for r in same[:5]) if same else ""))
     lines += token_lines
     lines += prompt_lines
     if bad:

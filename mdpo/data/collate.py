@@ -55,9 +55,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .corruption import CorruptionConfig, ImagePool, corrupt_image
-from .records import IMAGE_PLACEHOLDER, BadRecordError, PreferenceRecord, load_image, split_paper_prompt
+from .records import IMAGE_PLACEHOLDER, MAX_DECODED_PIXELS, BadRecordError, PreferenceRecord, load_image, split_paper_prompt
 
 # Objectives that need the corrupted branch (3B rows); every other objective gets 2B rows.
 OBJECTIVES_WITH_CORRUPTED = ("mdpo", "mdpo_no_anchor")
@@ -218,6 +218,7 @@ class PreferenceCollator:
         self.prompt_template = prompt_template
         self.truncate_response = bool(truncate_response)
         self.image_kwargs = self._pixel_budget(max_pixels, min_pixels)
+        self.decode_pixels = max(MAX_DECODED_PIXELS, max_pixels or 0)  # a bigger image is decoded reduced (load_image)
         self.with_corrupted = objective in OBJECTIVES_WITH_CORRUPTED
         self.with_image = objective != "dpo_no_image"
         self.epoch = 0
@@ -270,7 +271,7 @@ class PreferenceCollator:
             raise ValueError("corruption strategy 'random_image' needs image_pool= (or set_image_pool(records))")
         chosen_rows, rejected_rows, corrupted_rows = [], [], []
         for record in records:
-            image = load_image(record) if self.with_image else None
+            image = load_image(record, self.decode_pixels) if self.with_image else None
             prompt = self.encode_prompt(record, image)
             bad_prompt = None
             if self.with_corrupted:
@@ -354,7 +355,7 @@ class PreferenceCollator:
     def measure(self, record: PreferenceRecord) -> dict[str, int]:
         """Token counts of a record's rows before truncation (with its image):
         prompt, protected (image + special tokens of the prompt), chosen, rejected (EOS included)."""
-        image = load_image(record) if self.with_image else None
+        image = load_image(record, self.decode_pixels) if self.with_image else None
         prompt = self.encode_prompt(record, image)
         ids = prompt["tokens"]["input_ids"]
         return {

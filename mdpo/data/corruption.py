@@ -202,7 +202,7 @@ def corrupt_image(
     if not isinstance(pool, ImagePool):
         pool = ImagePool(pool)
     path = pool.pick(sample_id, own_path, corruption_rng(config, sample_id, epoch, "random_image"))
-    with Image.open(path) as other:
-        other.load()
-        other = _rgb(other)
+    from .records import decode_rgb
+
+    other = decode_rgb(path)  # a huge image is decoded reduced, as the record's own image is
     return other.resize(image.size, Image.BICUBIC) if other.size != image.size else other

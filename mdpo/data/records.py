@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ from typing import Any, Iterator, NamedTuple
 
 from ..errors import MdpoError
 
-logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"  # the placeholder of the paper shape's templated prompt
 ON_BAD_RECORD = ("error", "skip")
@@ -56,6 +54,11 @@ class BadRecordError(MdpoError, ValueError):
         self.index, self.sample_id, self.reason, self.source = index, sample_id, reason, source
         where = f" in {source}" if source else ""
         super().__init__(f"bad record {index} (id {sample_id!r}){where}: {reason}")
+
+
+class DataFileError(MdpoError, ValueError):
+    """A dataset file that cannot be read as records at all: not UTF-8, not JSON, a wrapper object instead
+    of a list, no records. The message names the file (and the line and column where the parser knows them)."""
 
 
 class SkippedRecord(NamedTuple):
@@ -117,8 +120,30 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | 
 
     A file whose first non-blank character is "[" is a JSON list; otherwise it is read line by line
     as JSONL (streamed, so large files are never held whole). Blank JSONL lines are not records.
+    A file that is not UTF-8, a JSON list that does not parse, or one JSON object (pretty-printed, or a
+    wrapper such as {"records": [...]}) raises DataFileError naming the file; a JSONL line that does not
+    parse is a bad record (its line and column in the parse error).
     """
     path = Path(path)
+    try:
+        yield from _iter_json_records(path)
+    except UnicodeDecodeError:
+        raise DataFileError(f"{path}: not UTF-8 text ({_first_non_utf8(path)}); save it as UTF-8") from None
+
+
+def _first_non_utf8(path: Path) -> str:
+    """Where a file first stops being UTF-8: 'byte 0xe9 at line 3, column 17' (column in bytes).
+    Reads the file again in binary, line by line (an error path only)."""
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"byte {line[err.start]:#04x} at line {line_number}, column {err.start + 1}"
+    return "a byte sequence that is not UTF-8"
+
+
+def _iter_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     with open(path, encoding="utf-8") as handle:
         head = ""
         while True:
@@ -131,7 +156,8 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | 
             try:
                 data = json.load(handle)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
+                cut = "; it does not end with ']' (cut off?)" if not err.doc.rstrip().endswith("]") else ""
+                raise DataFileError(f"{path}: not valid JSON ({err.msg}: line {err.lineno}, column {err.colno}){cut}") from None
             for index, raw in enumerate(data):
                 yield index, raw, None
             return
@@ -139,12 +165,18 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | 
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            text = line.rstrip("\r\n")  # an error at the line's end is then in this line, not at "line 2, column 1"
             try:
-                yield index, json.loads(line), None
+                raw = json.loads(text)
             except json.JSONDecodeError as err:
                 if index == 0 and head == "{":
                     _refuse_single_object(path)
-                yield index, None, f"line {line_number} is not valid JSON ({err.msg} at column {err.colno})"
+                cut = "; it does not end with '}' (cut off?)" if not text.rstrip().endswith("}") else ""
+                yield index, None, f"line {line_number} is not valid JSON ({err.msg}: column {err.pos + 1}){cut}"
+            else:
+                if index == 0:
+                    _refuse_wrapper(path, raw)
+                yield index, raw, None
             index += 1
 
 
@@ -177,20 +209,20 @@ def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str 
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"{path}: reading a Hugging Face datasets folder or a parquet file needs the `datasets` "
-                          "package (pip install datasets)") from None
+        raise DataFileError(f"{path}: reading a Hugging Face datasets folder or a parquet file needs the `datasets` "
+                            "package (pip install datasets)") from None
     if path.is_dir():
         try:
             table = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
-            raise ValueError(f"{path}: a folder, but not one written by datasets' save_to_disk ({err})") from None
+            raise DataFileError(f"{path}: a folder, but not one written by datasets' save_to_disk ({err})") from None
         if isinstance(table, datasets.DatasetDict):
             splits = list(table)
             if len(splits) == 1 or "train" in splits:
                 table = table[splits[0] if len(splits) == 1 else "train"]
             else:
-                raise ValueError(f"{path}: a DatasetDict with splits {splits} and none named 'train'; "
-                                 "give the folder of one split")
+                raise DataFileError(f"{path}: a DatasetDict with splits {splits} and none named 'train'; "
+                                    "give the folder of one split")
     else:
         table = datasets.Dataset.from_parquet(str(path))
     # Arrow rows: Image cells stay {"bytes", "path"} structs (never decoded to PIL, nothing re-cast or
@@ -202,6 +234,9 @@ def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str 
             index += 1
 
 
+RECORD_KEYS = frozenset({"prompt", "question", "chosen", "rejected", "image", "img_path", "images"})
+
+
 def _refuse_single_object(path: Path) -> None:
     """A pretty-printed JSON object is neither a list nor JSONL: say so instead of N bad lines."""
     try:
@@ -209,7 +244,20 @@ def _refuse_single_object(path: Path) -> None:
     except json.JSONDecodeError:
         return
     if isinstance(whole, dict):
-        raise ValueError(f"{path}: holds one JSON object; expected a JSON list of records or JSONL (one record a line)")
+        _refuse_wrapper(path, whole)
+        raise DataFileError(f"{path}: holds one JSON object; expected a JSON list of records or JSONL (one record a line)")
+
+
+def _refuse_wrapper(path: Path, obj: Any) -> None:
+    """A JSON object holding the records under a key ({"records": [...]}, {"data": [...]}) is not read:
+    which key holds them is a guess. Say what the file is and how to give the list itself."""
+    if not isinstance(obj, dict) or RECORD_KEYS & set(obj):
+        return
+    for key, value in obj.items():
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value[:10]):
+            raise DataFileError(
+                f"{path}: one JSON object whose {key!r} key holds a list of {len(value)} records; expected a JSON list "
+                f"of records or JSONL (one record a line): save that list alone, e.g. `jq '.{key}' {path} > records.json`")
 
 
 def _canonical(value: Any) -> Any:
@@ -404,6 +452,8 @@ def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_imag
             shape = "paper"
         elif "question" in raw:
             shape = "plain"
+        elif prompt is not None:
+            raise _Reason(f"'prompt' must be a string (paper shape) or a list of messages (TRL shape), not {type(prompt).__name__}")
         else:
             raise _Reason(f"unrecognised record shape: keys {sorted(raw)}; expected 'prompt' or 'question'")
         chosen = _text_field(raw, "chosen", shape)
@@ -422,7 +472,11 @@ def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_imag
                 )
         elif shape == "plain":
             question = raw["question"]
-            if not isinstance(question, str) or not question.strip():
+            if question is None:
+                raise _Reason("missing 'question' (null)")
+            if not isinstance(question, str):
+                raise _Reason(f"'question' must be a string, not {type(question).__name__} ({_short(question)})")
+            if not question.strip():
                 raise _Reason("empty 'question'")
         else:
             _message_text(prompt, None, "prompt")  # every entry a message
@@ -449,6 +503,34 @@ def parse_record(raw: Any, index: int, image_root: str | os.PathLike, check_imag
         raise BadRecordError(index, sample_id, str(reason)) from None
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def identical_pairs(records: list[PreferenceRecord]) -> list[PreferenceRecord]:
+    """Records whose chosen and rejected responses are the same text (surrounding whitespace aside).
+
+    Such a pair is not refused: its DPO term is constant (equal log-ratios, no gradient), but the
+    conditional and anchor terms read only the chosen response and still train on it, and `sft` never
+    reads the rejected one. It is counted and named instead, so a data bug that makes many is seen.
+    """
+    return [r for r in records if r.chosen.strip() == r.rejected.strip()]
+
+
+def identical_pairs_note(records: list[PreferenceRecord], source: str, objective: str = "mdpo") -> str | None:
+    """One line for a run's output when some pairs have chosen == rejected (None when none do, or for
+    `sft`, which never reads the rejected answer)."""
+    same = identical_pairs(records)
+    if not same or objective == "sft":
+        return None
+    named = ", ".join(f"{r.index} (id {r.sample_id!r})" for r in same[:3]) + (", …" if len(same) > 3 else "")
+    effect = ("they teach nothing under this objective" if objective in ("dpo", "dpo_no_image") else
+              "the conditional and anchor terms still train on their chosen answer")
+    return (f"note: {len(same)} of {len(records)} pair(s) in {source} have chosen == rejected (records {named}): their DPO "
+            f"term is constant (no gradient); {effect}")
+
+
 def check_image_file(image_path: str) -> None:
     """Raise _Reason when the image is missing or Pillow cannot read it (header and data checked)."""
     from PIL import Image
@@ -473,16 +555,48 @@ def check_image_bytes(data: bytes) -> None:
         raise _Reason(f"embedded image unreadable ({type(err).__name__}: {err})") from None
 
 
-def load_image(record: PreferenceRecord):
-    """The record's image as RGB. RGBA / LA / P-with-transparency are composited on white; other modes
-    (L, P, CMYK, I;16 …) are converted. Raises BadRecordError if the file cannot be read."""
+# Most pixels an image is decoded to: above every supported processor's own input size (Qwen2-VL's default
+# max_pixels is 12,845,056; LLaVA, Idefics3, PaliGemma resize to far less), so no model sees fewer pixels.
+MAX_DECODED_PIXELS = 4096 * 4096
+
+
+def decode_rgb(source, max_pixels: int = MAX_DECODED_PIXELS):
+    """An image file (a path or a file object) decoded as RGB, reduced by the smallest integer factor that
+    brings it to at most `max_pixels` pixels; an image within it decodes exactly as before.
+
+    A reduced image is decoded small where the codec can (JPEG `draft`: the DCT at 1/2, 1/4 or 1/8 scale)
+    and otherwise box-averaged once after decoding (`Image.reduce`). A 12000×12000 flat PNG then costs its
+    decoded bytes once (432 MB RGB) instead of the processor's float copies and a full-size corrupted
+    copy (several GB). Pillow's own limit still refuses a larger one (`Image.MAX_IMAGE_PIXELS`, 2× of it:
+    DecompressionBombError) before it is decoded; its warning for the sizes in between is not repeated.
+    """
+    import math
+    import warnings
+
     from PIL import Image
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # handled here: such an image is reduced
+        with Image.open(source) as image:
+            factor = math.ceil(math.sqrt(image.width * image.height / max_pixels))
+            if factor > 1:
+                image.draft("RGB", (math.ceil(image.width / factor), math.ceil(image.height / factor)))
+            image.load()
+            factor = math.ceil(math.sqrt(image.width * image.height / max_pixels))  # after draft: what is left
+            if factor <= 1:
+                return to_rgb(image)
+            if image.mode in ("L", "RGB", "RGBA", "LA", "I", "F", "CMYK", "YCbCr"):  # modes Image.reduce takes
+                return to_rgb(image.reduce(factor))
+            return to_rgb(image).reduce(factor)  # P, 1, I;16: converted first
+
+
+def load_image(record: PreferenceRecord, max_pixels: int = MAX_DECODED_PIXELS):
+    """The record's image as RGB, at most `max_pixels` pixels (`decode_rgb`: a larger one is decoded
+    reduced). RGBA / LA / P-with-transparency are composited on white; other modes (L, P, CMYK, I;16 …)
+    are converted. Raises BadRecordError naming the record if the file cannot be read or is refused."""
     try:
         source = io.BytesIO(record.image_bytes) if record.image_bytes is not None else record.image_path
-        with Image.open(source) as image:
-            image.load()
-            return to_rgb(image)
+        return decode_rgb(source, max_pixels)
     except Exception as err:  # noqa: BLE001
         raise BadRecordError(record.index, record.sample_id,
                              f"image file unreadable: {record.image_path} ({type(err).__name__}: {err})") from None
@@ -501,73 +615,3 @@ def to_rgb(image):
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
-
-
-# ---------------------------------------------------------------------------------------- loading
-def load_records(
-    path: str | os.PathLike,
-    image_root: str | os.PathLike | None = None,
-    on_bad_record: str = "error",
-    processor: Any = None,
-    max_length: int | None = None,
-    *,
-    family: str | None = None,
-    check_images: bool = True,
-    collator_options: dict[str, Any] | None = None,
-) -> LoadResult:
-    """Read and validate every record of a JSON list / JSONL file or a `datasets` table.
-
-    path: the dataset file (JSON / JSONL), or a `datasets` `save_to_disk` folder or `.parquet` file.
-    image_root: folder the image paths are relative to (default: the file's folder; a dataset folder itself).
-    on_bad_record: "error" raises BadRecordError at the first bad record; "skip" lists it in
-        `LoadResult.skipped` (index, sample_id, reason) and goes on. Nothing is dropped silently.
-    processor, max_length: when both are given, every record is also tokenised as the collator would
-        (image loaded, image tokens counted) and one that does not fit in `max_length` tokens even
-        after cutting all prompt text is bad. `family` as for PreferenceCollator; `collator_options`
-        are the other PreferenceCollator arguments that change the tokens (prompt_template,
-        system_prompt, max_pixels, min_pixels, truncate_response): give the run's own, so that the
-        check measures what training will see.
-    check_images: open every image and verify it (set False to trust the files and load faster).
-    returns: LoadResult(records, skipped, path, num_read).
-    """
-    if on_bad_record not in ON_BAD_RECORD:
-        raise ValueError(f"on_bad_record={on_bad_record!r} must be one of {ON_BAD_RECORD}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    table = is_table(path)
-    if not table and not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
-    measurer = None
-    if processor is not None and max_length is not None:
-        from .collate import PreferenceCollator
-
-        measurer = PreferenceCollator(processor, objective="dpo", max_length=max_length, family=family,
-                                      **(collator_options or {}))
-    records: list[PreferenceRecord] = []
-    skipped: list[SkippedRecord] = []
-    first_index: dict[str, int] = {}
-    num_read = 0
-    for index, raw, parse_error in (iter_table_records(path) if table else iter_raw_records(path)):
-        num_read += 1
-        try:
-            if parse_error is not None:
-                raise BadRecordError(index, None, parse_error)
-            record = parse_record(raw, index, root, check_images=check_images)
-            if record.sample_id in first_index:
-                raise BadRecordError(index, record.sample_id,
-                                     f"duplicate id (first used by record {first_index[record.sample_id]})")
-            if measurer is not None:
-                measurer.check_fits(record)
-        except BadRecordError as err:
-            err.source = str(path)
-            if on_bad_record == "error":
-                raise BadRecordError(err.index, err.sample_id, err.reason, str(path)) from None
-            skipped.append(SkippedRecord(err.index, err.sample_id, err.reason))
-            continue
-        first_index[record.sample_id] = index
-        records.append(record)
-    if skipped:
-        logger.warning("%s: skipped %d of %d records (on_bad_record='skip')", path, len(skipped), num_read)
-    return LoadResult(records=records, skipped=skipped, path=str(path), num_read=num_read)

@@ -281,7 +281,7 @@ def load_generation_model(
         drawn with `preset_seed`, as `mdpo-train` draws them with the run's `seed`).
     adapter: None; a peft adapter folder (`<output_dir>/final` of a LoRA run); a full model folder of the
         same architecture (`<output_dir>/final` of a full fine-tuning run); or a training checkpoint
-        (`<output_dir>/checkpoints/step-N`: its run's config.json builds the model, `load_trainable`
+        (`<output_dir>/checkpoints/step-N`: its run's config.json builds the model, `load_trained_weights`
         copies the trained parameters in). An adapter or checkpoint of another base model (other
         preset, seed or family; other layer names or sizes) raises AdapterMismatchError naming both.
     device: default CUDA when available. dtype: None → bf16 on CUDA, fp32 on the CPU (as training);
@@ -374,10 +374,52 @@ def _presets():
     return PRESETS
 
 
+def adapter_weight_shapes(adapter_dir: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} of a peft adapter folder's weights, the file peft will load:
+    adapter_model.safetensors (its header only, no weights read) when there is one, else
+    adapter_model.bin read with torch.load(weights_only=True), so a .bin holding a pickled object is
+    refused naming the file (CheckpointError) before peft would end in a traceback. {} without either."""
+    from ..checkpoints import CheckpointError, load_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except Exception as exc:  # noqa: BLE001 — a cut-off or foreign file: safetensors' own error, in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({type(exc).__name__}: {first})") from None
+    legacy = adapter_dir / "adapter_model.bin"
+    if not legacy.is_file():
+        return {}
+    try:
+        tensors = load_file(legacy)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (a peft adapter saved by save_pretrained is adapter_model.safetensors, which holds "
+                              "no code and is read first when present)") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CheckpointError(f"{legacy}: not a mapping of tensor names to tensors (a peft adapter's weights)")
+    return {key: list(value.shape) for key, value in tensors.items()}
+
+
+def check_adapter_complete(model: torch.nn.Module, adapter_dir: Path, shapes: dict[str, list[int]]) -> None:
+    """AdapterMismatchError unless the adapter file held every LoRA tensor of the peft model built from
+    its adapter_config.json (peft only warns, and a missing B matrix stays at zero: the adapter is
+    silently partly off). peft names a parameter `...lora_A.default.weight` and saves it as `...lora_A.weight`."""
+    expected = sorted(name.replace(".default.", ".") for name, _ in model.named_parameters() if ".lora_" in name)
+    missing = [name for name in expected if name not in shapes]
+    if missing:
+        shown = ", ".join(missing[:2]) + (f" and {len(missing) - 2} more" if len(missing) > 2 else "")
+        raise AdapterMismatchError(f"adapter {adapter_dir}: {len(missing)} of the {len(expected)} LoRA tensors its "
+                                   f"adapter_config.json makes are missing from its weights file ({shown}); a damaged adapter")
+
+
 def check_adapter_fits(adapter_dir: Path, base_model: torch.nn.Module, base_family: str, base_name: str) -> None:
     """AdapterMismatchError unless the peft adapter in `adapter_dir` fits `base_model`: the family of
     the processor saved beside it (mdpo-train saves one in final/) and every LoRA matrix's module name
-    and size (read from the safetensors header, no weights loaded)."""
+    and size (`adapter_weight_shapes`: the safetensors header, no weights loaded; or a .bin read safely)."""
     from ..data import detect_family, load_processor
 
     if (adapter_dir / "tokenizer_config.json").is_file() or (adapter_dir / "processor_config.json").is_file():
@@ -388,28 +430,21 @@ def check_adapter_fits(adapter_dir: Path, base_model: torch.nn.Module, base_fami
         if family not in (None, "generic") and family != base_family and {family, base_family} != {"idefics3", "smolvlm"}:
             raise AdapterMismatchError(f"adapter {adapter_dir} was trained on a {family} model (its saved processor), "
                                        f"not on the {base_family} model {base_name}")
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        return  # a .bin adapter: peft's own loading errors are the check
-    from safetensors import safe_open
-
     modules = dict(base_model.named_modules())
     problems = []
-    with safe_open(str(weights), framework="pt") as handle:
-        for key in handle.keys():
-            if ".lora_A" not in key and ".lora_B" not in key:
-                continue
-            name = key.removeprefix("base_model.model.").split(".lora_")[0]
-            shape = list(handle.get_slice(key).get_shape())
-            module = modules.get(name)
-            if module is None or not hasattr(module, "in_features"):
-                problems.append(f"{name} is not a linear layer of the base")
-            elif ".lora_A" in key and shape[1] != module.in_features:
-                problems.append(f"{name}: LoRA A takes {shape[1]} inputs, the base layer {module.in_features}")
-            elif ".lora_B" in key and shape[0] != module.out_features:
-                problems.append(f"{name}: LoRA B gives {shape[0]} outputs, the base layer {module.out_features}")
-            if len(problems) >= 3:
-                break
+    for key, shape in adapter_weight_shapes(adapter_dir).items():
+        if ".lora_A" not in key and ".lora_B" not in key:
+            continue
+        name = key.removeprefix("base_model.model.").split(".lora_")[0]
+        module = modules.get(name)
+        if module is None or not hasattr(module, "in_features"):
+            problems.append(f"{name} is not a linear layer of the base")
+        elif ".lora_A" in key and shape[1] != module.in_features:
+            problems.append(f"{name}: LoRA A takes {shape[1]} inputs, the base layer {module.in_features}")
+        elif ".lora_B" in key and shape[0] != module.out_features:
+            problems.append(f"{name}: LoRA B gives {shape[0]} outputs, the base layer {module.out_features}")
+        if len(problems) >= 3:
+            break
     if problems:
         raise AdapterMismatchError(f"adapter {adapter_dir} does not fit the base model {base_name}: " + "; ".join(problems))
 
@@ -421,21 +456,24 @@ def _load_peft(model: str, adapter: Path, device, dtype, preset_seed, label, pro
     run_cfg = _run_config(run_cfg_path)
     seed = preset_seed if model in _presets() and not Path(model).exists() else None
     _check_run_base(run_cfg, run_cfg_path, model, seed, f"adapter {adapter}")  # before loading anything
+    shapes = adapter_weight_shapes(adapter)  # before any weight loads: a pickled .bin is refused here, naming it
     loaded, seed = _load_base(model, device, dtype, preset_seed)
     check_adapter_fits(adapter, loaded.model, loaded.family, model)
     import warnings
 
     with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing` property
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)  # refused below
         loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
+    check_adapter_complete(loaded.model, adapter, shapes)
     return _finish(loaded, device, label or _default_label(adapter), f"{model}+{adapter}", "adapter", run_cfg, seed,
                    prompt_config)
 
 
 def _load_checkpoint(model: str, ckpt: Path, device, preset_seed: int, label, prompt_config=None) -> GenerationModel:
     """A training checkpoint: the run's model rebuilt from its config.json (LoRA or full fine-tuning),
-    its trained parameters copied in by `mdpo.checkpoints.load_trainable`."""
-    from ..checkpoints import load_trainable
+    its trained parameters copied in by `mdpo.distributed.load_trained_weights` (any engine's checkpoint)."""
+    from ..distributed import load_trained_weights
     from ..components import build_model
     from ..config import ConfigError, load_config
 
@@ -447,7 +485,7 @@ def _load_checkpoint(model: str, ckpt: Path, device, preset_seed: int, label, pr
     if cfg.reference.mode == "live" and cfg.model.finetune in ("full", "all"):
         cfg.reference.mode = "cached"  # build_model would copy the whole model for a live reference
     loaded, _ = build_model(cfg, device)
-    load_trainable(loaded.model, ckpt, "--adapter")
+    load_trained_weights(loaded.model, ckpt, "--adapter", cast=True)
     seed = cfg.seed if cfg.model.preset is not None else None
     return _finish(loaded, device, label or _default_label(ckpt), f"{model}+{ckpt}", "checkpoint", cfg, seed,
                    prompt_config)

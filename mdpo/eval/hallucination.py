@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import MdpoError
-from .generate import GenerationOptions, Question, generate_answers, load_generation_model, load_questions, throughput
+from .generate import (GenerationOptions, Question, adapter_weight_shapes, generate_answers, load_generation_model,
+                       load_questions, throughput)
 
 SAMPLE_SHAPES = ("circle", "square", "triangle")  # mdpo.data.sample's shapes
 RELIANCE_VARIANTS = ("blank", "corrupted")
@@ -199,6 +200,9 @@ def evaluate_hallucination(
     questions = load_questions(data, image_root, check_images=model is not None)  # answers alone read no image
     annotations, keys = load_ground_truth(questions, data, coco_annotations, image_root, vocabulary)
     is_preference = all("chosen" in q.meta and "rejected" in q.meta for q in questions)
+    for adapter in adapters:  # an unreadable or unsafe adapter file is named before any model generates
+        if (Path(adapter) / "adapter_config.json").is_file():
+            adapter_weight_shapes(Path(adapter))
     taken: set[str] = set()
     results: dict[str, dict] = {}
     reports: dict[str, Any] = {}

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .adapters import get_adapter
-from .loading import LoadedModel, resolve_dtype
+from .loaded import LoadedModel, resolve_dtype
 
 # Shared text-model geometry: head_dim = 64 / 4 = 16; Qwen's M-RoPE sections must sum to head_dim / 2.
 _TEXT = dict(
