@@ -4,6 +4,9 @@ unquantised base, mdpo-eval on either base, and the one-line errors."""
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from mdpo.models.quantization import (QuantizationSettings, check_quantized_plac
 from mdpo.reference_cache import StaleCacheError  # noqa: E402
 from mdpo_kernels import linear_sequence_logprobs  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 NF4 = QuantizationSettings("nf4", double_quant=True, compute_dtype=torch.float32)
 INT8 = QuantizationSettings("int8")
 
@@ -34,7 +38,7 @@ def sample(tmp_path_factory):
 
 
 def _overrides(sample, out, *extra):
-    return [f"data.path={sample}", f"output_dir={out}", "model.preset=tiny-llava", "micro_batch_size=2",
+    return [f"data.path={sample}", f"output_dir={out}", "model.preset=tiny-llava", "micro_batch_size=1",
             "effective_batch_size=2", "max_steps=4", "epochs=1", "lr=1e-2", "model.lora_r=8", "model.lora_alpha=16",
             "model.lora_dropout=0", "progress_bar=false", "report_to=none", "plots=false", "data.max_length=256",
             "model.dtype=float32", *extra]
@@ -161,6 +165,27 @@ def test_a_quantised_model_trains_lora_only_from_3ln2(preset, nf4_runs):
     for key in after:
         if "lora_" not in key:
             assert torch.equal(before[key], after[key]), key  # packed 4-bit weights, their scales, the rest
+
+
+def _losses(out):
+    return [json.loads(line)["loss/total"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_cpu_processes_train_a_quantised_model_as_one_does(sample, nf4_runs, tmp_path):
+    """DDP (accelerate launch, gloo) over the nf4 base: each process quantises the same weights; the
+    losses are the one-process run's (the same micro-batches of 1 pair, gradients averaged by DDP)."""
+    cfg, _, _ = nf4_runs["tiny-llava"]
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdpo.train"]
+    proc = subprocess.run([*launch, *_overrides(sample, out, "model.quantization=nf4")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    assert _losses(out)[0] == pytest.approx(3 * math.log(2), abs=1e-5)
+    assert _losses(out) == pytest.approx(_losses(cfg.output_dir), rel=1e-5) and _losses(out)[-1] < _losses(out)[0] - 1e-3
 
 
 def test_caches_of_the_quantised_and_the_unquantised_base_are_not_mixed(sample, nf4_runs, tmp_path, capsys):
