@@ -260,3 +260,33 @@ def test_quantisation_errors_are_one_line_naming_the_key(sample, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "model.quantization=nf4 needs the bitsandbytes package" in err and "model.quantization: none" in err
+
+
+def test_float_storage_for_sharding_engines_holds_the_same_nf4_weights():
+    """model.quantization_storage: bfloat16 (what FSDP / ZeRO-3 need to shard the packed weights) changes
+    only the container: the same bytes, the same hidden states."""
+    uint8 = load_model("tiny-llava", quantization=NF4)
+    bf16 = load_model("tiny-llava", quantization=QuantizationSettings("nf4", compute_dtype=torch.float32, storage=torch.bfloat16))
+    name = quantized_layer_names(bf16.model)[0]
+    packed = dict(bf16.model.named_modules())[name].weight
+    assert packed.dtype == torch.bfloat16
+    assert torch.equal(packed.data.view(torch.uint8).flatten(), dict(uint8.model.named_modules())[name].weight.data.flatten())
+    batch, _ = _batch(uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(bf16.adapter.hidden_states(bf16.model, batch), uint8.adapter.hidden_states(uint8.model, batch),
+                                   rtol=0, atol=0)
+
+
+def test_a_model_folder_loads_quantised_as_the_preset_does(tmp_path):
+    """model.path: from_pretrained(folder, quantization_config=…) quantises while loading; the same weights
+    as the in-memory preset path, so the same numbers."""
+    from mdpo.models import save_preset
+
+    folder = save_preset("tiny-qwen2-vl", tmp_path / "qwen")
+    from_folder = load_model(folder, quantization=NF4)
+    from_preset = load_model("tiny-qwen2-vl", quantization=NF4)
+    assert quantized_layer_names(from_folder.model) == quantized_layer_names(from_preset.model)
+    batch, _ = _batch(from_preset)
+    with torch.no_grad():
+        torch.testing.assert_close(from_folder.adapter.hidden_states(from_folder.model, batch),
+                                   from_preset.adapter.hidden_states(from_preset.model, batch), rtol=0, atol=0)
