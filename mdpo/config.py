@@ -54,7 +54,7 @@ class ModelConfig:
     attn_implementation: str = "auto"  # auto: flash_attention_2 when flash-attn imports on CUDA, else sdpa
     shared_prefix: str | bool = "auto"  # auto | on | off: chosen and rejected rows share one forward of their image + prompt (auto: where the family and attention support it; results do not depend on it)
     quantization: str = "none"  # none | nf4 | int8: load the language model's linear layers quantised through bitsandbytes (QLoRA: LoRA on a frozen 4-bit base, ~0.52 byte per weight instead of 2); vision tower, projector and LM head stay unquantised; needs finetune: lora
-    quantization_double_quant: bool = True  # nf4: quantise the per-block scales too (saves ~0.06 byte per weight; QLoRA's setting)
+    quantization_double_quant: bool = True  # nf4: quantise the per-block scales too (0.016 instead of 0.0625 byte per weight; QLoRA's setting)
     quantization_compute_dtype: str = "auto"  # nf4: dtype the 4-bit weights are dequantised to for each matmul: auto (model.dtype: bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     quantization_storage: str = "uint8"  # nf4: container dtype of the packed 4-bit weights: uint8 | bfloat16 | float16 | float32 (FSDP / ZeRO-3 sharding needs the other parameters' dtype, e.g. bfloat16)
 
