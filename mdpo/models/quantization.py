@@ -1,8 +1,8 @@
 """QLoRA: the frozen base's language model loaded 4-bit (NF4) or 8-bit (LLM.int8) through bitsandbytes,
 LoRA on top (Dettmers et al. 2023, "QLoRA"). `model.quantization: nf4 | int8` in the run's config.
 
-What is quantised. Only the nn.Linear layers of the language model (attention and MLP projections: ~96 %
-of a 7B VLM's weights). The vision tower, the projector and the LM head keep the model's dtype
+What is quantised. Only the nn.Linear layers of the language model (attention and MLP projections: 92 %
+of LLaVA-1.5-7B's weights). The vision tower, the projector and the LM head keep the model's dtype
 (`BitsAndBytesConfig.llm_int8_skip_modules`), and so do the embeddings and norms (never nn.Linear). The
 LM head must stay a plain weight: the fused loss reads `lm_head.weight` (V, H) directly
 (`linear_sequence_logprobs`). `check_quantized_placement` checks this after every load.
@@ -32,14 +32,16 @@ Two CPU-only pitfalls of bitsandbytes 0.50 are handled by `pin_cpu_kernels` (nei
   kept on its train-mode path in both modes.
 
 Sharding engines (what `mdpo/distributed.py` needs for a 4-bit base; not wired here):
-- DDP: works as it is (each process holds the whole quantised model; DDP broadcasts the packed uint8
-  weights from process 0 at wrapping, and every process quantises the same weights the same way).
-- DeepSpeed ZeRO-1/2: works as DDP does (only LoRA trains, so only its gradients and optimizer state
-  are partitioned). ZeRO-3: partitions parameters by flattening them, which needs the packed 4-bit
-  weights stored in the same floating dtype as the others: `model.quantization_storage: bfloat16` with
-  `model.dtype: bfloat16`. transformers does not use `zero.Init` for a quantised model (each process
-  loads the whole quantised model, ZeRO-3 partitions it at `deepspeed.initialize`).
-- FSDP2 (`fully_shard`): a default uint8-stored `Params4bit` cannot be sharded (a DTensor of a
+- DDP: works as it is (tested: 2 CPU processes train like one). Each process holds the whole quantised
+  model; DDP broadcasts the packed weights from process 0 at wrapping, and every process quantises the
+  same weights the same way.
+- DeepSpeed ZeRO-1/2 (not run): should work as DDP does (only LoRA trains, so only its gradients and
+  optimizer state are partitioned). ZeRO-3 (not run): partitions parameters by flattening them, which
+  needs the packed 4-bit weights stored in the same floating dtype as the others
+  (`model.quantization_storage: bfloat16` with `model.dtype: bfloat16`). transformers does not use
+  `zero.Init` for a quantised model: each process loads the whole quantised model, and ZeRO-3
+  partitions it at `deepspeed.initialize`.
+- FSDP2 (`fully_shard`, not run): a default uint8-stored `Params4bit` cannot be sharded (a DTensor of a
   non-float dtype cannot require grad, and the all-gather returns a plain Parameter without the quant
   state): pass them as `ignored_params` (torch ≥ 2.7; they stay whole on every process, 0.5 byte per
   weight), as accelerate's own FSDP2 wrapper does. To shard them too: `model.quantization_storage`
