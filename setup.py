@@ -131,6 +131,7 @@ setup(
         "flash-attn": ["flash-attn>=2.6"],
         "dev": ["pytest", "pytest-benchmark", "triton>=3.0"],
         "peers": ["liger-kernel", "cut-cross-entropy"],
+        "qlora": ["bitsandbytes>=0.46.1"],  # model.quantization: nf4 | int8 (transformers 5 needs ≥ 0.46.1; tested with 0.50.2)
     },
     ext_modules=_ext_modules,
     cmdclass=_cmdclass,

@@ -25,10 +25,13 @@ def load_processor(cfg: TrainConfig):
     """The run's processor and family adapter, no weights (`LoadedModel` with model=None): cheap.
 
     Records are read and checked with it before `build_model` spends minutes loading weights; a missing
-    folder, a folder without config.json, an unknown model_type or a family mismatch fail here.
+    folder, a folder without config.json, an unknown model_type, a family mismatch or a
+    `model.quantization` this machine cannot do (no bitsandbytes) fail here.
     """
     from .models import load_processor_only
+    from .models.quantization import check_quantization_available
 
+    check_quantization_available(cfg.model.quantization, "cuda" if torch.cuda.is_available() else "cpu")
     return load_processor_only(cfg.model.preset if cfg.model.preset is not None else cfg.model.path, family=cfg.model.family)
 
 
@@ -38,20 +41,27 @@ def build_model(cfg: TrainConfig, device: torch.device, prepared=None):
     prepared: the result of `load_processor(cfg)`; its processor is kept and its `model` filled in.
     Returns (loaded, reference_model): reference_model is a frozen copy for full fine-tuning with a
     live reference, else None. Full fine-tuning of a bf16 model trains through fp32 master weights
-    (`mdpo.optim.make_optimizer`, chosen by the trained parameters' dtype).
+    (`mdpo.optim.make_optimizer`, chosen by the trained parameters' dtype). With `model.quantization`
+    the language model's linear layers load quantised on `device` (mdpo.models.quantization) and LoRA
+    goes on top; the reference is the same quantised base with the adapters off.
     """
     from .models import apply_lora, build_preset, enable_gradient_checkpointing, freeze_for_full_finetune, load_model
+    from .models.quantization import check_quantization_available, quantization_settings, quantize_in_memory
 
+    quantization = quantization_settings(cfg.model, device)
     if cfg.model.preset is not None:
         dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
         loaded = build_preset(cfg.model.preset, seed=cfg.seed, dtype=dtype)
+        if quantization is not None:
+            check_quantization_available(quantization.method, device)
+            loaded.model = quantize_in_memory(loaded.model, quantization, loaded.adapter, device)
         if prepared is not None:
             prepared.model = loaded.model  # the records were checked with prepared's processor: keep it
             loaded = prepared
     else:
         attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
         loaded = load_model(cfg.model.path, family=cfg.model.family, dtype=cfg.model.dtype, attn_implementation=attn,
-                            device=device, prepared=prepared)
+                            device=device, prepared=prepared, quantization=quantization)
     reference_model = None
     if cfg.model.finetune == "lora":
         target = "all-linear-language" if cfg.model.lora_target_modules is None else cfg.model.lora_target_modules

@@ -50,6 +50,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward: less activation memory, one more forward per step
     attn_implementation: str = "auto"  # auto: flash_attention_2 when flash-attn imports on CUDA, else sdpa
     shared_prefix: str | bool = "auto"  # auto | on | off: chosen and rejected rows share one forward of their image + prompt (auto: where the family and attention support it; results do not depend on it)
+    quantization: str = "none"  # none | nf4 | int8: load the language model's linear layers quantised through bitsandbytes (QLoRA: LoRA on a frozen 4-bit base, ~0.52 byte per weight instead of 2); vision tower, projector and LM head stay unquantised; needs finetune: lora
+    quantization_double_quant: bool = True  # nf4: quantise the per-block scales too (0.016 instead of 0.0625 byte per weight; QLoRA's setting)
+    quantization_compute_dtype: str = "auto"  # nf4: dtype the 4-bit weights are dequantised to for each matmul: auto (model.dtype: bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    quantization_storage: str = "uint8"  # nf4: container dtype of the packed 4-bit weights: uint8 | bfloat16 | float16 | float32 (FSDP / ZeRO-3 sharding needs the other parameters' dtype, e.g. bfloat16)
 
 
 @dataclass
@@ -261,6 +265,9 @@ def validate(config: TrainConfig) -> None:
         "data.prompt_template": (config.data.prompt_template, ["model", "verbatim"]),
         "model.finetune": (config.model.finetune, ["lora", "full", "all"]),
         "model.dtype": (config.model.dtype, ["auto", "float32", "bfloat16", "float16"]),
+        "model.quantization": (config.model.quantization, ["none", "nf4", "int8"]),
+        "model.quantization_compute_dtype": (config.model.quantization_compute_dtype, ["auto", "float32", "bfloat16", "float16"]),
+        "model.quantization_storage": (config.model.quantization_storage, ["uint8", "bfloat16", "float16", "float32"]),
         "reference.mode": (config.reference.mode, ["cached", "live"]),
         "report_to": (config.report_to, ["tensorboard", "wandb", "none"]),
         "distributed.engine": (config.distributed.engine, ["ddp", "fsdp2", "zero2", "zero3"]),
@@ -339,6 +346,12 @@ def validate(config: TrainConfig) -> None:
                           "holds: merge the final/ adapter afterwards (README: Scale) or train with ddp / zero2")
     if config.distributed.deepspeed_config is not None and engine not in ("zero2", "zero3"):
         raise ConfigError(f"distributed.deepspeed_config is read by the DeepSpeed engines only (zero2, zero3); now engine={engine}")
+    if config.model.quantization != "none" and config.model.finetune != "lora":
+        raise ConfigError(f"model.quantization={config.model.quantization} needs model.finetune: lora (got {config.model.finetune}): "
+                          "quantised weights cannot be trained; use LoRA on the quantised base, or model.quantization: none")
+    if config.model.quantization != "none" and config.save_merged:
+        raise ConfigError(f"save_merged=true with model.quantization={config.model.quantization}: merging LoRA into quantised "
+                          "weights rounds the update away; final/ is an adapter for the unquantised base (merge it onto that base)")
     low, high = config.data.crop_area
     if not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_area={config.data.crop_area} must satisfy 0 < low ≤ high ≤ 1")

@@ -141,8 +141,9 @@ def preference_main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="a folder under <output_dir>/checkpoints/")
     parser.add_argument("--data", help="held-out records (default: the run's data.eval_path)")
     parser.add_argument("--out", help="JSON file for the figures (default: <checkpoint>/eval-<data file stem>.json)")
-    parser.add_argument("overrides", nargs="*", help="key=value changes to the run's config, e.g. micro_batch_size=8")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value changes to the run's config, e.g. micro_batch_size=8; "
+                        "model.quantization=none | nf4 | int8 picks the base a LoRA checkpoint is scored on (default: the run's)")
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow --data
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.overrides)
     except (MdpoError, ValueError) as exc:

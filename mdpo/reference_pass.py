@@ -74,14 +74,20 @@ def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epoch
     """Everything the reference log-probs of the records in `data_path` (default: data.path) depend on.
 
     `weights`: the base model's `weights_digest`, when already computed (it reads every weight).
+    A quantised base (model.quantization) adds `model.quantization` (method, double quantisation,
+    compute dtype): a cache of the unquantised base is refused for it and the other way round. An
+    unquantised base has no such field, so caches written before it existed stay valid.
     """
     import transformers
 
     from . import __version__
+    from .models.quantization import quantization_of
 
     spec = get_objective(cfg.objective)
     base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    quantization = quantization_of(base)
     return canonical({
+        **({"model.quantization": quantization} if quantization else {}),
         "model.source": loaded.source, "model.family": loaded.family, "model.dtype": str(next(base.parameters()).dtype),
         "model.weights": weights or weights_digest(base),
         **processor_fingerprint(loaded.processor),

@@ -124,3 +124,40 @@ def test_trl_real_step_trains_only_the_language_models_lora_through_trl(trl_proc
     moved = [n for n, p in trainer.model.named_parameters() if n in lora_b and not torch.equal(p, lora_b[n])]
     assert sorted(moved) == sorted(lora_b)  # one real optimizer step moved every LoRA B matrix (zero at init)
     assert train_step.STATS["trl-real"]["policy_rows"] == 2
+
+
+def test_qlora_fit_counts_the_real_llava_models_parameters():
+    """The computed 7B / 13B fit counts every parameter of the real models (checked on the meta device)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from benchmarks.qlora import REAL_MODELS, real_model_params
+    from benchmarks.train_step import LLAVA_15_7B, llava_config
+
+    for name, m in REAL_MODELS.items():
+        heads = m["hidden"] // 128
+        shape = {**LLAVA_15_7B, "hidden": m["hidden"], "intermediate": m["intermediate"], "heads": heads, "kv_heads": heads,
+                 "text_layers": m["layers"], "vision_layers": 24, "image_size": 336, "prompt_tokens": 8, "response_tokens": 8}
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration._from_config(llava_config(shape))
+        counted = real_model_params(name)
+        lm_linear = sum(module.weight.numel() for module in model.model.language_model.modules()
+                        if isinstance(module, torch.nn.Linear))
+        assert counted["lm_linear"] == lm_linear
+        assert counted["lm_linear"] + counted["other"] == sum(p.numel() for p in model.parameters())
+
+
+def test_qlora_weight_report_counts_nf4_bytes_per_weight():
+    pytest.importorskip("bitsandbytes")
+    from benchmarks.qlora import weight_report
+    from mdpo.models import apply_lora, build_preset
+    from mdpo.models.quantization import QuantizationSettings, quantize_in_memory
+
+    plain = build_preset("tiny-llava")
+    n_params = sum(p.numel() for p in plain.model.parameters())
+    quantised = quantize_in_memory(plain.model, QuantizationSettings("nf4", double_quant=True), plain.adapter)
+    report = weight_report(apply_lora(quantised, plain.family, r=4, alpha=8), plain.adapter)
+    assert report["model"]["params"] == n_params and report["other"]["bytes_per_param"] == 4.0
+    # 4-bit nibbles + an 8-bit scale per 64 weights, plus per layer fp32 second-level scales and code books
+    # (~1.2 kB: 0.2 byte per weight on these 64-wide layers, 0.0002 on LLaVA-7B's)
+    assert 0.5 + 1 / 64 < report["lm_linear"]["bytes_per_param"] < 0.75
+    assert report["lora"]["params"] == sum(p.numel() for n, p in quantised.named_parameters() if "lora_" in n)

@@ -198,26 +198,38 @@ class GenerationModel:
         return hasattr(self.model, "disable_adapter")
 
     def identity(self) -> dict:
-        """What the answers depend on besides the options (kept beside answers.jsonl for resuming)."""
+        """What the answers depend on besides the options (kept beside answers.jsonl for resuming); a
+        quantised base adds its quantisation (absent otherwise, so older settings files still match)."""
+        from ..models.quantization import quantization_of
+
+        quantization = quantization_of(self.adapter.unwrap(self.model))
         return {"source": self.source, "kind": self.kind, "family": self.family, "preset_seed": self.preset_seed,
                 "dtype": str(next(self.model.parameters()).dtype),
-                "prompt": [getattr(self.collator, k, None) for k in ("system_prompt", "prompt_template")]}
+                "prompt": [getattr(self.collator, k, None) for k in ("system_prompt", "prompt_template")],
+                **({"quantization": quantization} if quantization else {})}
 
 
 def _default_device(device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_base(model: str, device: torch.device, dtype, preset_seed: int):
-    """(LoadedModel, preset seed or None): a preset's random weights with `preset_seed`, or a folder."""
+def _load_base(model: str, device: torch.device, dtype, preset_seed: int, quantization: str = "none"):
+    """(LoadedModel, preset seed or None): a preset's random weights with `preset_seed`, or a folder;
+    with `quantization` nf4 / int8 its language model loaded quantised (mdpo.models.quantization)."""
     from ..models import PRESETS, build_preset, choose_attn_implementation, load_model, resolve_dtype
+    from ..models.quantization import check_quantization_available, default_settings, quantize_in_memory
 
+    torch_dtype = resolve_dtype(dtype, device)
+    settings = default_settings(quantization, torch_dtype)
+    if settings is not None:
+        check_quantization_available(settings.method, device)
     if model in PRESETS and not Path(model).exists():
-        torch_dtype = resolve_dtype(dtype, device)
         attn = choose_attn_implementation(device) if torch_dtype != torch.float32 else "sdpa"
         loaded = build_preset(model, seed=preset_seed, dtype=torch_dtype, attn_implementation=attn)
+        if settings is not None:
+            loaded.model = quantize_in_memory(loaded.model, settings, loaded.adapter, device)
         return loaded, preset_seed
-    return load_model(model, dtype=dtype, device=device), None
+    return load_model(model, dtype=dtype, device=device, quantization=settings), None
 
 
 def wrap_model(model, processor, family: str, adapter, device, *, label: str = "model", source: str = "",
@@ -274,6 +286,7 @@ def load_generation_model(
     preset_seed: int = 0,
     label: str | None = None,
     prompt_config=None,
+    quantization: str = "none",
 ) -> GenerationModel:
     """A model to generate with.
 
@@ -288,19 +301,22 @@ def load_generation_model(
         attention SDPA (flash-attn on CUDA when importable and the dtype allows it).
     prompt_config: a TrainConfig whose collator settings (`mdpo.components.make_collator`) render the
         prompts; default: the run's own for an adapter / checkpoint, the collator's defaults for a base.
+    quantization: none | nf4 | int8: how the base model's language model loads (mdpo.models.quantization),
+        for every kind alike, a checkpoint included whatever its run used: a LoRA adapter of a quantised
+        run is an adapter for the unquantised base and loads on either. Default none (full precision).
     """
     device = _default_device(device)
     model = os.fspath(model)
     if adapter is None:
-        loaded, seed = _load_base(model, device, dtype, preset_seed)
+        loaded, seed = _load_base(model, device, dtype, preset_seed, quantization)
         return _finish(loaded, device, label or "base", model, "base", preset_seed=seed, prompt_config=prompt_config)
     adapter = Path(adapter)
     if (adapter / "adapter_config.json").is_file():
-        return _load_peft(model, adapter, device, dtype, preset_seed, label, prompt_config)
+        return _load_peft(model, adapter, device, dtype, preset_seed, label, prompt_config, quantization)
     if (adapter / "config.json").is_file() and not (adapter / "model.safetensors").exists():
-        return _load_checkpoint(model, adapter, device, preset_seed, label, prompt_config)
+        return _load_checkpoint(model, adapter, device, preset_seed, label, prompt_config, quantization)
     if (adapter / "config.json").is_file():  # a full model folder: full fine-tuning's final/
-        return _load_full_model(model, adapter, device, dtype, preset_seed, label, prompt_config)
+        return _load_full_model(model, adapter, device, dtype, preset_seed, label, prompt_config, quantization)
     raise AdapterMismatchError(
         f"--adapter {adapter}: neither a peft adapter folder (no adapter_config.json) nor a training checkpoint "
         "(no config.json); give <output_dir>/final of a LoRA run or <output_dir>/checkpoints/step-N"
@@ -342,7 +358,8 @@ def _check_run_base(run_cfg, run_cfg_path: Path, model: str, preset_seed: int | 
         warnings.warn(f"{what} was trained on model.path={trained}; evaluated on the base {model}, another folder")
 
 
-def _load_full_model(model: str, folder: Path, device, dtype, preset_seed: int, label, prompt_config) -> GenerationModel:
+def _load_full_model(model: str, folder: Path, device, dtype, preset_seed: int, label, prompt_config,
+                     quantization: str = "none") -> GenerationModel:
     """A whole model folder written by a full fine-tuning run (`<output_dir>/final`), compared side by side
     with the base: it must be the base's architecture (same model_type and layer shapes), and its prompts
     are rendered with that run's settings (`<output_dir>/config.json`) when the folder sits in a run."""
@@ -363,7 +380,7 @@ def _load_full_model(model: str, folder: Path, device, dtype, preset_seed: int, 
         raise AdapterMismatchError(f"--adapter {folder}: a full model of another architecture than --model {model} "
                                    f"(model_type, hidden size, layers, vocabulary {shape(mine)} vs {shape(base)})")
     run_cfg = load_config(folder.parent / "config.json") if (folder.parent / "config.json").is_file() else None
-    loaded, _ = _load_base(str(folder), device, dtype, preset_seed)
+    loaded, _ = _load_base(str(folder), device, dtype, preset_seed, quantization)
     return _finish(loaded, device, label or _default_label(folder), str(folder), "full model", run_config=run_cfg,
                    prompt_config=prompt_config)
 
@@ -449,7 +466,8 @@ def check_adapter_fits(adapter_dir: Path, base_model: torch.nn.Module, base_fami
         raise AdapterMismatchError(f"adapter {adapter_dir} does not fit the base model {base_name}: " + "; ".join(problems))
 
 
-def _load_peft(model: str, adapter: Path, device, dtype, preset_seed, label, prompt_config=None) -> GenerationModel:
+def _load_peft(model: str, adapter: Path, device, dtype, preset_seed, label, prompt_config=None,
+               quantization: str = "none") -> GenerationModel:
     from peft import PeftModel
 
     run_cfg_path = adapter.parent / "config.json"  # <output_dir>/config.json beside <output_dir>/final
@@ -457,7 +475,7 @@ def _load_peft(model: str, adapter: Path, device, dtype, preset_seed, label, pro
     seed = preset_seed if model in _presets() and not Path(model).exists() else None
     _check_run_base(run_cfg, run_cfg_path, model, seed, f"adapter {adapter}")  # before loading anything
     shapes = adapter_weight_shapes(adapter)  # before any weight loads: a pickled .bin is refused here, naming it
-    loaded, seed = _load_base(model, device, dtype, preset_seed)
+    loaded, seed = _load_base(model, device, dtype, preset_seed, quantization)
     check_adapter_fits(adapter, loaded.model, loaded.family, model)
     import warnings
 
@@ -470,12 +488,14 @@ def _load_peft(model: str, adapter: Path, device, dtype, preset_seed, label, pro
                    prompt_config)
 
 
-def _load_checkpoint(model: str, ckpt: Path, device, preset_seed: int, label, prompt_config=None) -> GenerationModel:
+def _load_checkpoint(model: str, ckpt: Path, device, preset_seed: int, label, prompt_config=None,
+                     quantization: str = "none") -> GenerationModel:
     """A training checkpoint: the run's model rebuilt from its config.json (LoRA or full fine-tuning),
-    its trained parameters copied in by `mdpo.distributed.load_trained_weights` (any engine's checkpoint)."""
+    its base loaded with `quantization` (not the run's own setting), its trained parameters copied in
+    by `mdpo.distributed.load_trained_weights` (any engine's checkpoint)."""
     from ..distributed import load_trained_weights
     from ..components import build_model
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError, load_config, validate
 
     try:
         cfg = load_config(ckpt / "config.json")
@@ -484,6 +504,8 @@ def _load_checkpoint(model: str, ckpt: Path, device, preset_seed: int, label, pr
     _check_run_base(cfg, ckpt / "config.json", model, preset_seed if model in _presets() else None, f"checkpoint {ckpt}")
     if cfg.reference.mode == "live" and cfg.model.finetune in ("full", "all"):
         cfg.reference.mode = "cached"  # build_model would copy the whole model for a live reference
+    cfg.model.quantization, cfg.save_merged = quantization, False
+    validate(cfg)  # e.g. a quantised base for a full fine-tuning checkpoint: one line naming model.quantization
     loaded, _ = build_model(cfg, device)
     load_trained_weights(loaded.model, ckpt, "--adapter", cast=True)
     seed = cfg.seed if cfg.model.preset is not None else None

@@ -172,6 +172,7 @@ def evaluate_hallucination(
     preset_seed: int = 0,
     device: str | None = None,
     dtype: str | None = None,
+    quantization: str = "none",
     progress: bool = True,
     log: Callable[[str], None] = print,
     allow_partial: bool = False,
@@ -231,7 +232,7 @@ def evaluate_hallucination(
     specs = ([None] if model is not None else []) + list(adapters)
     for adapter in specs:
         gm = load_generation_model(model, adapter, device=device, dtype=dtype, preset_seed=preset_seed,
-                                   prompt_config=prompt_config)
+                                   prompt_config=prompt_config, quantization=quantization)
         label = _unique("base" if adapter is None else gm.label, taken)
         folder = out / label
         log(f"{label}: {gm.source} ({gm.kind}, {gm.family}, {gm.device})")
@@ -404,6 +405,9 @@ def build_parser():
     parser.add_argument("--no-preference", action="store_true", help="skip the held-out preference metrics")
     parser.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     parser.add_argument("--dtype", help="bfloat16 | float32 | ... (default: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                        help="load the base's language model quantised through bitsandbytes, for every model of the "
+                             "evaluation (the base and each adapter / checkpoint, whatever its run used); default none")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -421,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out, args.data, model=args.model, adapters=args.adapter, answers=args.answers,
             coco_annotations=args.coco_annotations, image_root=args.image_root, vocabulary=args.vocabulary,
             options=options, reliance=not args.no_reliance, preference=not args.no_preference,
-            preset_seed=args.preset_seed, device=procs.device, dtype=args.dtype, progress=not args.no_progress,
-            allow_partial=args.allow_partial)
+            preset_seed=args.preset_seed, device=procs.device, dtype=args.dtype, quantization=args.quantization,
+            progress=not args.no_progress, allow_partial=args.allow_partial)
     except (MdpoError, ValueError, FileNotFoundError) as exc:
         print(f"mdpo-eval hallucination: error: {exc}", file=sys.stderr)
         return 2

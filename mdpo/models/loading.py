@@ -96,6 +96,7 @@ def load_model(
     attn_implementation: str | None = None,
     device: str | torch.device | None = None,
     prepared: LoadedModel | None = None,
+    quantization=None,
 ) -> LoadedModel:
     """Load model + processor from a local folder (no hub access), or build a tiny preset by name.
 
@@ -108,7 +109,10 @@ def load_model(
     device: where to put the model (None: stay on CPU).
     prepared: the result of `load_processor_only` for the same folder: its processor is kept and its
         `model` filled in (the same object is returned), so the processor is not loaded twice.
+    quantization: a `QuantizationSettings` (mdpo.models.quantization): the language model's linear
+        layers load quantised through bitsandbytes, on `device` (default CPU); None: as saved.
     """
+    from .quantization import check_quantization_available, load_quantized, prepare_quantized, quantize_in_memory
     from .presets import PRESETS, build_preset
 
     name = os.fspath(path_or_preset)
@@ -121,7 +125,10 @@ def load_model(
         loaded = build_preset(name, dtype=torch_dtype, attn_implementation=attn)
         if family is not None and get_adapter(family) is not loaded.adapter:
             raise ModelLoadError(f"family {family!r} does not match preset {name!r} (family {loaded.family!r})")
-        if device is not None:
+        if quantization is not None:
+            check_quantization_available(quantization.method, device)
+            loaded.model = quantize_in_memory(loaded.model, quantization, loaded.adapter, device)
+        elif device is not None:
             loaded.model.to(device)
         return _fill(prepared, loaded)
 
@@ -130,9 +137,16 @@ def load_model(
     import transformers
 
     model_cls = getattr(transformers, adapter.model_classes[config.model_type])
-    model = model_cls.from_pretrained(
-        folder, local_files_only=True, dtype=torch_dtype, attn_implementation=attn
-    )
+    if quantization is not None:
+        check_quantization_available(quantization.method, device)
+        model = load_quantized(model_cls, folder, quantization, adapter, dtype=torch_dtype, attn_implementation=attn,
+                               device=device)
+    else:
+        model = model_cls.from_pretrained(
+            folder, local_files_only=True, dtype=torch_dtype, attn_implementation=attn
+        )
+        if getattr(model, "is_quantized", False):  # a folder saved already quantised (its config.json says how)
+            prepare_quantized(model, adapter)
     adapter.check_fused_head(model)
     if prepared is not None:
         processor = prepared.processor
