@@ -475,7 +475,7 @@ def _plot(summary: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     table, worlds = summary["table"], summary["worlds"]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4.1))
     markers = "os^Dv<>p*h"
     for ax, (metric, title) in zip(axes, [("chair_s", "CHAIR_s (%)"), ("chair_i", "CHAIR_i (%)"),
                                           ("recall", "recall"), ("prior_rate", "prior rate on traps (%)")]):
@@ -490,15 +490,15 @@ def _plot(summary: dict, path: Path) -> Path:
             k = 0 if metric == "chair_s" else 1
             xs = [i for i, v in enumerate(VARIANTS) if v in PAPER]
             ax.scatter(xs, [PAPER[VARIANTS[i]][k] for i in xs], color="#dd8452", zorder=4, label="paper Table 2")
-        if metric == "chair_s":
-            ax.legend(fontsize=6)
         ax.set_xticks(range(len(VARIANTS)))
         ax.set_xticklabels([LABELS[v] for v in VARIANTS], rotation=35, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
     fig.suptitle(f"toy reproduction ({summary['scale']['name']}, {len(worlds)} worlds × {summary['scale']['seeds']} run seeds; "
                  "bars: mean over worlds, 95 % t-interval over world means)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
