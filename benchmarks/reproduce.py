@@ -2,8 +2,8 @@
 trained in several *worlds*, each with its own scenes, SFT model that can see and has a language prior
 to fall into (`mdpo.data.scenes`), and on-policy pairs; the claims are decided over worlds.
 
-    python -m benchmarks.reproduce              # 3 worlds x 3 run seeds x 5 objectives (about 20 min of 2 idle cores)
-    python -m benchmarks.reproduce --worlds 5   # more worlds: a narrower interval over worlds, ~6-7 min more per world
+    python -m benchmarks.reproduce              # 3 worlds x 3 run seeds x 5 objectives (about 24 min of 2 idle cores)
+    python -m benchmarks.reproduce --worlds 4   # more worlds: a narrower interval over worlds, ~8 min more per world
     python -m benchmarks.reproduce --quick      # 2 worlds x 2 run seeds, fewer steps and scenes (a smoke run)
     python -m benchmarks.reproduce --seed 7     # other worlds: seeds 7, 8, 9
 
