@@ -36,6 +36,7 @@ or --worlds adds -s<S> / -w<K>); work files under --work, one folder per world.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -101,8 +102,6 @@ def _train(config: str, overrides: list[str], log: Path) -> None:
     if hasattr(TrainConfig(), "eval_generate_every"):
         overrides.append("eval_generate_every=0")
     if IN_PROCESS["on"]:
-        import contextlib
-
         from mdpo.config import load_config
         from mdpo.train import train
 
@@ -307,6 +306,24 @@ class LoadSampler:
     def summary(self) -> dict | None:
         s = self.samples
         return {"start": s[0], "mean": round(sum(s) / len(s), 2), "max": max(s), "samples": len(s)} if s else None
+
+
+@contextlib.contextmanager
+def _one_torch_thread(enabled: bool):
+    """One torch thread in this process while it trains and evaluates itself (jobs 0), as every subprocess
+    job has; restored after. (Two threads on a shared, busy 2-core machine spin: the tiny test run took
+    185 s instead of 19 s at a load average of 3.)"""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cpu_seconds() -> float:
@@ -515,7 +532,7 @@ def run(scale: Scale, seed: int, work: Path, out_dir: Path, stem: str, jobs: int
     world_seeds = [seed + i for i in range(worlds)]
     infos: dict[int, dict] = {}
     rows: list[dict] = []
-    with LoadSampler() as load, ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+    with LoadSampler() as load, _one_torch_thread(IN_PROCESS["on"]), ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
         try:
             # every world's preparation first; a world's runs are queued when it is ready (FIFO behind the
             # other preparations), so preparations overlap each other and the first world's runs

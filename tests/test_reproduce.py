@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import reproduce
 from benchmarks._claims import C1_MARGIN, VERDICTS, between_worlds, claims, decide_part, diff_ci, mean_ci, t975
@@ -106,7 +107,9 @@ def test_bad_worlds_argument_is_a_one_line_error(capsys):
 
 @pytest.mark.slow
 def test_quick_path_at_a_tiny_size_writes_a_valid_table(tmp_path):
+    threads = torch.get_num_threads()
     summary = reproduce.run(TINY, seed=3, work=tmp_path / "work", out_dir=tmp_path / "out", stem="t", jobs=0, log=lambda *_: None)
+    assert torch.get_num_threads() == threads  # one torch thread while it ran in this process, then restored
     assert [w["seed"] for w in summary["worlds"]] == [3, 4]
     assert set(summary["table"]) == set(reproduce.VARIANTS)
     for v, row in summary["table"].items():
