@@ -174,7 +174,7 @@ def run_one(engine: str, finetune: str, shape: dict, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         opts = {"engine": engine, "finetune": finetune, "shape": shape, "steps": args.steps, "dtype": args.dtype, "out": out}
         env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes), "--master_port", "0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes), "--standalone",
                "-m", "benchmarks.scale", "--worker", json.dumps(opts)]
         started = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)

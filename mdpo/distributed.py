@@ -372,6 +372,11 @@ class DeepSpeedEngine(Engine):
         except ImportError:
             raise DistributedError(f"distributed.engine={cfg.distributed.engine} needs DeepSpeed: pip install deepspeed "
                                    "(on a CPU-only machine: pip install --no-build-isolation \"torch==<your torch>\" deepspeed)") from None
+        import warnings
+
+        # DeepSpeed calls torch.distributed functions torch has renamed: one FutureWarning per call otherwise
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                                category=FutureWarning)
         self.name = cfg.distributed.engine
         self.stage = int(self.name[-1])
         self.shards_weights = self.stage == 3
@@ -574,8 +579,12 @@ def load_dcp(state_dict: dict, path: Path, distributed: bool) -> None:
 
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: no .metadata (not a complete torch distributed checkpoint)")
+    import warnings
+
     try:
-        dcp.load(state_dict, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=not distributed)
+        with warnings.catch_warnings():  # one process on purpose: DCP's "assuming a single process" note is noise
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state_dict, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=not distributed)
     except Exception as exc:  # noqa: BLE001 — missing keys, other shapes, refused pickles, damaged files
         text = " ".join(str(exc).split())
         raise CheckpointError(f"{path}: cannot be loaded into this run ({type(exc).__name__}: {text[:400]})") from exc

@@ -10,5 +10,8 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 .venv/bin/pip install -q -r requirements-cpu.txt
+# DeepSpeed (distributed.engine: zero2 / zero3) builds from source against the installed torch: no build
+# isolation, and torch pinned in the same command, or pip fetches a CUDA torch of several GB.
+.venv/bin/pip install -q --no-build-isolation "$(grep -E '^torch==' requirements-cpu.txt)" "deepspeed==0.19.8"
 .venv/bin/pip install -q --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import torch, mdpo, mdpo_kernels; print(f'mdpo ready: torch {torch.__version__}')"
