@@ -40,8 +40,10 @@ from . import _harness as H
 
 DEFAULT = dict(text_layers=1, vision_layers=1, pairs=1, prompt_tokens=32, response_tokens=64, image_size=112,
                lora_r=64, lora_alpha=128, grad_ckpt=False)
+# Engine variants measured beside the four engines: name -> (engine, extra config overrides).
+VARIANTS = {"fsdp2-keep": ("fsdp2", ["distributed.reshard_after_forward=false"])}
 QUICK = dict(DEFAULT, hidden=512, intermediate=1376, heads=8, kv_heads=8, vocab=8000, vision_hidden=256,
-             vision_intermediate=1024, vision_heads=4, image_size=56)
+             vision_intermediate=1024, vision_heads=4, patch=14, image_size=56)
 
 
 # ---------------------------------------------------------------------------------------- counting
@@ -115,10 +117,11 @@ def worker(opts: dict) -> None:
     from .train_step import llava_config, make_batch
 
     torch.set_num_threads(1)
-    shape, engine_name, finetune = opts["shape"], opts["engine"], opts["finetune"]
+    shape, finetune = opts["shape"], opts["finetune"]
+    engine_name, extra = VARIANTS.get(opts["engine"], (opts["engine"], []))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(None, ["model.preset=tiny-llava", f"distributed.engine={engine_name}", f"model.finetune={finetune}",
-                             "micro_batch_size=1", f"effective_batch_size={world}", "lr=1e-5"])
+                             "micro_batch_size=1", f"effective_batch_size={world}", "lr=1e-5", *extra])
     engine = make_engine(cfg)
     rss_before = _rss_kb()
     from transformers import LlavaForConditionalGeneration
@@ -179,7 +182,9 @@ def run_one(engine: str, finetune: str, shape: dict, args) -> dict:
         started = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
-            tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:]
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            errors = [line for line in lines if "Error" in line and ":" in line and not line.startswith(" ")]
+            tail = (errors[0] if errors else " ".join(lines[-3:]))[-400:]
             return {"engine": engine, "finetune": finetune, "error": f"exit {proc.returncode}: {tail}"}
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank-*.json"))]
     slowest = [max(r["step_s"][i] for r in ranks) for i in range(len(ranks[0]["step_s"]))]
@@ -188,6 +193,21 @@ def run_one(engine: str, finetune: str, shape: dict, args) -> dict:
            "step_s_median": statistics.median(slowest), "step_s_min": min(slowest), "step_s_max": max(slowest)}
     for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "state_bytes", "peak_rss_bytes", "held_rss_bytes"):
         row[key] = max(r[key] for r in ranks)
+    return row
+
+
+def merge_rounds(found: list[dict]) -> dict:
+    """One row of a configuration measured in several rounds: the median of the rounds' step-time medians,
+    the min–max over all, the largest memory figures, every round's median and load listed."""
+    good = [r for r in found if "error" not in r]
+    if not good:
+        return found[0]
+    row = dict(good[0])
+    row["step_s_median"] = statistics.median(r["step_s_median"] for r in good)
+    row["step_s_min"], row["step_s_max"] = min(r["step_s_min"] for r in good), max(r["step_s_max"] for r in good)
+    for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "state_bytes", "peak_rss_bytes", "held_rss_bytes"):
+        row[key] = max(r[key] for r in good)
+    row["rounds"] = [{"step_s_median": r["step_s_median"], "load_avg": r.get("load_avg")} for r in good]
     return row
 
 
@@ -229,6 +249,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     good = [r for r in rows if "error" not in r]
     finetunes = list(dict.fromkeys(r["finetune"] for r in good))
+    if not finetunes:
+        return
     fig, axes = plt.subplots(1, len(finetunes), figsize=(5.5 * len(finetunes), 4), squeeze=False)
     for ax, finetune in zip(axes[0], finetunes):
         sel = [r for r in good if r["finetune"] == finetune]
@@ -306,6 +328,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--finetune", default="lora,full")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps after one warm-up step")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: every engine once per round; the "
+                        "row keeps the median step time over rounds and the spread of all their steps")
     parser.add_argument("--text-layers", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="small widths: a smoke run, not the table's numbers")
@@ -324,27 +348,28 @@ def main(argv=None) -> list[dict]:
     shape = dict(QUICK) if args.quick else {**LLAVA_15_7B, **DEFAULT}
     if args.text_layers:
         shape["text_layers"] = args.text_layers
-    rows = []
-    for finetune in args.finetune.split(","):
-        for engine in args.engines.split(","):
-            row = run_one(engine, finetune, shape, args)
-            row["load_avg"] = H.load_average()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for round_ in range(args.rounds):
+        for finetune in args.finetune.split(","):
+            for engine in args.engines.split(","):
+                row = run_one(engine, finetune, shape, args)
+                row["load_avg"] = H.load_average()
+                runs.setdefault((finetune, engine), []).append(row)
+                print(json.dumps({"round": round_, **row}), flush=True)
+    rows = [merge_rounds(found) for found in runs.values()]
     add_ratios(rows)
     stamp = H.stamp("cpu")
-    notes = [f"{args.processes} CPU processes (gloo), 1 thread each; {args.dtype}; model: LLaVA-1.5-7B widths with "
+    notes = [f"{args.processes} CPU processes (gloo), 1 thread each; {args.dtype}; {args.rounds} interleaved round(s); model: "
+             f"{'small widths (--quick)' if args.quick else 'LLaVA-1.5-7B widths'} with "
              f"{shape['text_layers']} text and {shape['vision_layers']} vision layer(s), vocab {shape['vocab']}, "
              f"{shape['image_size']} px; 1 pair (3 rows) per step; {args.steps} timed steps after a warm-up",
              "state = parameter + gradient + optimizer bytes held by one process (the largest over processes)",
              f"load average at the end: {H.load_average()}"]
-    for finetune in args.finetune.split(","):
-        base = [r for r in rows if r["finetune"] == finetune and r["engine"] == "ddp" and "error" not in r]
-        for r in rows:
-            if r["finetune"] == finetune and r["engine"] in ("fsdp2", "zero3") and "state_vs_ddp" in r and base:
-                notes.append(f"target ({finetune}): {r['engine']} state {r['state_vs_ddp']:.2f}× ddp's (≤ 0.55× wanted"
-                             + (", met" if r["state_vs_ddp"] <= 0.55 else ", MISSED") + f"), step time {r['step_time_vs_ddp']:.2f}× "
-                             f"(≤ 1.3× wanted" + (", met)" if r["step_time_vs_ddp"] <= 1.3 else ", MISSED)"))
+    for r in rows:  # the issue's targets are for full fine-tuning; LoRA rows are reported, not judged
+        if r["finetune"] == "full" and r["engine"] in ("fsdp2", "zero3", *VARIANTS) and "state_vs_ddp" in r:
+            notes.append(f"target (full): {r['engine']} state {r['state_vs_ddp']:.2f}× ddp's (≤ 0.55× wanted"
+                         + (", met" if r["state_vs_ddp"] <= 0.55 else ", MISSED") + f"), step time {r['step_time_vs_ddp']:.2f}× "
+                         f"(≤ 1.3× wanted" + (", met)" if r["step_time_vs_ddp"] <= 1.3 else ", MISSED)"))
     text = table(rows)
     print("\n" + text + "\n")
     for note in notes:

@@ -1,7 +1,8 @@
 """FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo) train exactly like one process.
 
 For each engine, tiny LLaVA and tiny Qwen2-VL, LoRA and full fine-tuning (with a live, sharded reference
-for Qwen2-VL), and LoRA on an NF4-quantised LLaVA (bitsandbytes): per-step losses, rewards, grad norms and learning rates, and the held-out evaluations,
+for Qwen2-VL), LoRA on an NF4-quantised LLaVA (bitsandbytes), the dpo objective (with answers generated
+during training, shared over the processes) and sft: per-step losses, rewards, grad norms and learning rates, and the held-out evaluations,
 equal a 1-process run's to fp32 rounding, over 5 steps with 2 micro-batches per process per step and
 5 held-out pairs (3 + 2: the short process pads its forwards). A run killed by SIGKILL while saving
 resumes from the last complete checkpoint and ends like the uninterrupted run (fsdp2 resumed by 1
@@ -34,6 +35,8 @@ MODELS = {  # (preset, finetune): the run's own settings
     ("tiny-qwen2-vl", "lora"): ["reference.mode=cached"],
     ("tiny-qwen2-vl", "full"): ["reference.mode=live"],
     ("tiny-llava", "qlora"): ["reference.mode=cached", "model.quantization=nf4"],
+    ("tiny-llava", "dpo"): ["objective=dpo", "eval_generate_every=5"],  # no corrupted rows; answers generated, sharded
+    ("tiny-qwen2-vl", "sft"): ["objective=sft"],  # no reference at all
 }
 COMPARED = ("loss/total", "loss/dpo", "loss/conditional", "loss/anchor", "rewards/chosen", "rewards/rejected",
             "rewards/corrupted", "rewards/margins", "grad_norm", "lr")  # accuracies: ties at step 1 fall either way
@@ -50,7 +53,7 @@ def _overrides(sample, out, preset, finetune, *extra):
     """5 optimizer steps of 8 pairs: 2 micro-batches of 2 pairs per process on 2 processes (4 on 1)."""
     lr = "lr=1e-4" if finetune == "full" else "lr=1e-3"
     return [f"data.path={sample}", f"data.eval_path={sample.parent / 'eval.json'}", f"output_dir={out}",
-            f"model.preset={preset}", f"model.finetune={'lora' if finetune == 'qlora' else finetune}", "model.lora_dropout=0",
+            f"model.preset={preset}", f"model.finetune={finetune if finetune == 'full' else 'lora'}", "model.lora_dropout=0",
             *MODELS[preset, finetune],
             "micro_batch_size=2", "effective_batch_size=8", "max_steps=5", "save_every=2", "eval_every=2", lr,
             "progress_bar=false", "report_to=none", "plots=false", "data.max_length=256", *extra]
@@ -123,7 +126,10 @@ def test_two_processes_train_like_one(runs, engine, preset, finetune):
     # held-out at steps 0, 2, 4 and 5: all 5 pairs counted once, though one process scores 3 and the other 2
     evals, evals_one = _rows(out, "eval_metrics.jsonl"), _rows(one, "eval_metrics.jsonl")
     assert [r["step"] for r in evals] == [0, 2, 4, 5] and all(r["pairs"] == 5 for r in evals)
-    _assert_same_rows(evals, evals_one, keys=("loss/total", "rewards/margins", "rewards/conditional_margins"))
+    _assert_same_rows(evals, evals_one, keys=("loss/total", "rewards/margins", "rewards/conditional_margins",
+                                              "generate/tokens_per_answer", "generate/chair_i"))
+    if "eval_generate_every=5" in MODELS[preset, finetune]:  # answers generated at step 5, on both sides
+        assert all("generate/tokens_per_answer" in r for r in (evals[-1], evals_one[-1]))
     assert [p.name for p in complete_checkpoints(out)] == ["step-000002", "step-000004", "step-000005"]
 
 
