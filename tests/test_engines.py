@@ -264,3 +264,32 @@ def test_a_deepspeed_config_that_agrees_is_merged_under_ours():
     ours = {"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 3}}
     assert _merge_ds_config(user, ours, "x.json") == {"gradient_accumulation_steps": 4, "communication_data_type": "fp32",
                                                       "zero_optimization": {"stage": 3, "reduce_bucket_size": 5e7}}
+
+
+@pytest.mark.parametrize("config_file, engine", [("ddp", None), ("fsdp", "fsdp2"), ("deepspeed-zero2", "zero2"),
+                                                  ("deepspeed-zero3", "zero3")])
+def test_the_shipped_accelerate_configs_start_the_engine_they_name(config_file, engine):
+    """Each file in configs/accelerate/, read by accelerate's own launcher code as `accelerate launch
+    --config_file FILE --num_processes 2` reads it on this machine, gives the processes an environment
+    that mdpo accepts with its engine and refuses with any other (ddp.yaml: any engine)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    from mdpo.distributed import DistributedError, check_launcher
+
+    path = ROOT / "configs" / "accelerate" / f"{config_file}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "-m", "mdpo.train", "x.yaml"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert not args.cpu and args.num_processes == 2  # not silently turned into one CPU process
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    for other in ("ddp", *ENGINES):
+        cfg = load_config(None, [f"distributed.engine={other}", "model.preset=tiny-llava"])
+        if engine is None or other == engine:
+            check_launcher(cfg, env)
+        else:
+            with pytest.raises(DistributedError, match=f"asks for {engine}, but distributed.engine={other}"):
+                check_launcher(cfg, env)
