@@ -1,7 +1,6 @@
 """TRL-format records as TRL's own docs and `datasets` tables write them (issue 11, item 9): message
 contents as plain strings, images embedded as bytes or PIL images, a `save_to_disk` folder or a
 parquet file as the dataset, and stable content-hash ids for such records."""
-import io
 import json
 
 import pytest
