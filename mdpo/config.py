@@ -34,6 +34,7 @@ class DataConfig:
     same_corruption_every_epoch: bool = False  # True: one corrupted image per record for the whole run
     corruption_seed: int = 0  # the corrupted image is a function of (this seed, sample id, epoch)
     num_workers: int = 0  # processes that collate training micro-batches ahead of the step (0: in the loop)
+    cache_dir: str | None = None  # where digests of the data and image files are kept, so later starts do not reread them (null: $MDPO_DATA_CACHE, else ~/.cache/mdpo/data; off: keep nothing)
 
 
 @dataclass

@@ -70,10 +70,13 @@ def processor_fingerprint(processor) -> dict:
 
 
 def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int, data_path: str | None = None,
-                    weights: str | None = None) -> dict:
+                    weights: str | None = None, images: str | None = None) -> dict:
     """Everything the reference log-probs of the records in `data_path` (default: data.path) depend on.
 
     `weights`: the base model's `weights_digest`, when already computed (it reads every weight).
+    `images`: the `image_files_digest` value of the image files the records name (`data.images`: a
+    re-saved image makes the cache stale; the whole cache, as a changed data file does). Records whose
+    images are all embedded in the data file have no such field (data.sha256 covers them).
     A quantised base (model.quantization) adds `model.quantization` (method, double quantisation,
     compute dtype): a cache of the unquantised base is refused for it and the other way round. An
     unquantised base has no such field, so caches written before it existed stay valid.
@@ -94,6 +97,7 @@ def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epoch
         "versions.transformers": transformers.__version__, "versions.mdpo": __version__,
         **{f"data.{name}": getattr(cfg.data, name, None) for name in DATA_KEYS_OF_ROWS},
         "data.sha256": dataset_digest(data_path or cfg.data.path), "data.image_root": cfg.data.image_root, "data.records": n_records,
+        **({"data.images": images} if images is not None else {}),
         "data.on_bad_record": cfg.data.on_bad_record,
         "corruption": [cfg.data.corruption, list(cfg.data.crop_area), cfg.data.corruption_seed, cfg.data.same_corruption_every_epoch],
         "corruption.epochs": n_corruption_epochs,
