@@ -86,7 +86,7 @@ def test_a_changed_image_file_makes_the_cached_reference_stale(sample, tmp_path,
         train(again("flipped"))
     assert "data.sha256" not in str(refused.value)
     out = capsys.readouterr().out
-    assert f"1 image file(s) of {sample} changed since they were last read ({image})" in out
+    assert f"data: {sample}: image files changed since it was validated ({image}); validating it again" in out
     train(load_config(None, [*overrides, "overwrite_output_dir=true"]))
     out = capsys.readouterr().out
     assert "data.images: cache has" in out and "recomputing it in place" in out and "reusing" not in out

@@ -21,6 +21,7 @@ cannot be written, digests are computed and used, not kept (one warning).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -65,6 +66,89 @@ def file_sha256(path: str | os.PathLike) -> bytes:
     return h.digest()
 
 
+def cached_file_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """SHA-256 (hex) of one file's bytes, remembered by (resolved path, size, mtime_ns) in
+    `<cache>/file-digests/` (one small JSON file per data file): read once, then only stat-ed."""
+    path = Path(path).resolve()
+    st = os.stat(path)
+    folder = data_cache_dir(cache_dir)
+    entry = None
+    if folder is not None:
+        entry = folder / "file-digests" / f"{hashlib.sha256(str(path).encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json"
+        try:
+            known = json.loads(entry.read_text())
+            if known.get("path") == str(path) and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
+                return str(known["sha256"])
+        except (OSError, ValueError, AttributeError, KeyError):
+            pass
+    digest = file_sha256(path).hex()
+    if entry is not None:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}))
+            os.replace(tmp, entry)
+        except OSError as err:
+            warn_unwritable(folder, err)
+    return digest
+
+
+def datasets_fingerprint(folder: str | os.PathLike) -> str | None:
+    """A `save_to_disk` folder's identity without reading its rows: `datasets`' own fingerprint(s) from
+    state.json (every split's, for a DatasetDict) with every file's relative name and size, hashed
+    (SHA-256, hex); None when a state.json has no fingerprint (then the bytes are digested instead).
+
+    Why it is sound there: `datasets` gives a table made from data a fingerprint hashed from that data
+    (`generate_fingerprint`) and a transformed table (map, filter, select, cast, concatenate ...) a new
+    one hashed from the previous fingerprint and the transform with its arguments
+    (`update_fingerprint`; a transform it cannot hash gets a random one), and save_to_disk writes it to
+    state.json: a table with other rows has another fingerprint. It is also what `datasets` itself trusts
+    to reuse its cache files. Copying the folder keeps it (nothing is reread after a copy, unlike a
+    digest keyed by mtime). Where it is not sound, and not used: a parquet file (no fingerprint of its
+    own; `datasets` names it by path and mtime, so `cached_file_sha256`); arrow files edited or replaced
+    by other tools than `datasets` (the sizes catch a replacement of another length, not an in-place
+    edit of the same length); a user-given `new_fingerprint`, or a `from_generator` table whose generator
+    read other data under the same code and arguments (`datasets` would reuse its cache there too).
+    """
+    folder = Path(folder)
+    states = sorted(folder.rglob("state.json"))
+    if not states:
+        return None
+    h = hashlib.sha256(b"datasets-fingerprint\0")
+    for state in states:
+        try:
+            fingerprint = json.loads(state.read_text()).get("_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not fingerprint:
+            return None
+        h.update(f"{state.parent.relative_to(folder).as_posix()}:{fingerprint}\0".encode())
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{file.relative_to(folder).as_posix()}:{file.stat().st_size}\0".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def dataset_digest(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """The run fingerprint's `data.sha256` of a dataset (hex SHA-256).
+
+    A JSON / JSONL / parquet file: SHA-256 of its bytes (`cached_file_sha256`: read once per size and
+    mtime). A `datasets` save_to_disk folder: `datasets_fingerprint` (no row read), else, for a folder
+    without one, SHA-256 over every file's relative name and bytes in sorted order (each file's bytes
+    digested once per size and mtime), as before.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return cached_file_sha256(path, cache_dir)
+    fingerprint = datasets_fingerprint(path)
+    if fingerprint is not None:
+        return fingerprint
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        h.update(bytes.fromhex(cached_file_sha256(file, cache_dir)))
+    return h.hexdigest()
+
+
 @dataclass
 class ImagesDigest:
     """What `image_files_digest` found: the combined digest, and the files read again whose bytes differ
@@ -76,7 +160,8 @@ class ImagesDigest:
     read: int = 0  # files read (not found in the store, or with another size or mtime)
 
 
-def image_files_digest(paths: Iterable[str], cache_dir: str | os.PathLike | None = None) -> ImagesDigest | None:
+def image_files_digest(paths: Iterable[str], cache_dir: str | os.PathLike | None = None,
+                       sorted_unique: bool = False) -> ImagesDigest | None:
     """The combined digest of the image files `paths` name (duplicates count once); None for no path.
 
     Combined: SHA-256 over the count and every file's SHA-256 in the order of the sorted paths. The
@@ -86,24 +171,25 @@ def image_files_digest(paths: Iterable[str], cache_dir: str | os.PathLike | None
     counts as "missing" (the record that names it is refused elsewhere, naming it).
 
     Per-file digests are remembered in `<cache>/image-digests/<key>.npz` (key: SHA-256 of the sorted
-    path list; arrays of size, mtime_ns and digest per path: 48 bytes a file).
+    path list; arrays of size, mtime_ns and digest per path: 48 bytes a file). sorted_unique: `paths`
+    is already sorted without repeats (e.g. a `StringArray` of a validated index): it is read one string
+    at a time and never held as a Python list.
     """
-    unique = sorted(set(str(p) for p in paths))
-    if not unique:
-        return None
+    unique = paths if sorted_unique else sorted(set(str(p) for p in paths))
     n = len(unique)
+    if not n:
+        return None
     sizes, mtimes = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    key = hashlib.sha256()
     for i, path in enumerate(unique):
+        key.update(path.encode("utf-8", "surrogateescape") + (b"\0" if i < n - 1 else b""))
         try:
             st = os.stat(path)
         except OSError:
             continue
         sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
     folder = data_cache_dir(cache_dir)
-    store = None
-    if folder is not None:
-        key = hashlib.sha256("\0".join(unique).encode("utf-8", "surrogateescape")).hexdigest()
-        store = folder / "image-digests" / f"{key}.npz"
+    store = folder / "image-digests" / f"{key.hexdigest()}.npz" if folder is not None else None
     digests = np.zeros((n, 32), dtype=np.uint8)
     known = np.zeros(n, dtype=bool)
     old = None
@@ -157,3 +243,15 @@ def record_image_files(records: Sequence) -> list[str]:
     if files is not None:
         return list(files)
     return [r.image_path for r in records if getattr(r, "image_bytes", None) is None]
+
+
+def dataset_identity(records: Sequence, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict:
+    """What a run trained on, for its checkpoints: the data's digest, its image files' digest and the number
+    of records kept. A resume compares it with its own (`mdpo.checkpoints.check_same_data`)."""
+    digest = getattr(records, "data_digest", None) or dataset_digest(path, cache_dir)
+    images = getattr(records, "images_digest", None)
+    if images is None and not hasattr(records, "images_digest"):
+        found = image_files_digest(record_image_files(records), cache_dir)
+        images = found.value if found is not None else None
+    return {"data.sha256": digest, "data.images": images, "records": len(records)}
+
