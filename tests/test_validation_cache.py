@@ -95,6 +95,24 @@ def test_the_bad_record_report_is_the_same_from_the_cache(sample, processor):
             _load(sample, processor, [])
 
 
+def test_validation_in_worker_processes_finds_the_same(sample, processor):
+    """data.num_workers forked workers share the validation (every 3rd record of the file each): the same
+    kept records, reasons, lengths and ids as one process."""
+    rows = json.loads(sample.read_text())
+    rows[4]["chosen"] = ""
+    rows[6] = dict(rows[0])
+    sample.write_text(json.dumps(rows))
+    one = _load(sample, processor, [], on_bad_record="skip", cache_dir="off")
+    lines = []
+    three = _load(sample, processor, lines, on_bad_record="skip", cache_dir="off", workers=3)
+    assert "over 1 process(es) × 3 workers" in lines[-1]
+    assert three.skipped == one.skipped and [s.index for s in one.skipped] == [4, 6]
+    assert list(three.records.sample_ids) == list(one.records.sample_ids)
+    assert [r.index for r in three.records] == [r.index for r in one.records]
+    for name in ("prompt", "protected", "chosen", "rejected"):
+        assert three.lengths[name].tolist() == one.lengths[name].tolist()
+
+
 def test_mdpo_data_check_fills_the_cache_that_training_reuses(sample, tmp_path, capsys):
     assert data_main(["check", str(sample), "--processor", "tiny:llava", "--max-length", "256"]) == 0
     out = capsys.readouterr().out

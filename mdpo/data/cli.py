@@ -1,7 +1,7 @@
 """`mdpo-data`: check a preference dataset, preview its corrupted images, or make a sample one.
 
     mdpo-data check DATASET [--image-root DIR] [--processor DIR] [--max-length N] [--prompt-template model|verbatim]
-                    [--system-prompt TEXT] [--max-pixels N] [--min-pixels N] [--truncate-response] [--cache-dir DIR]
+                    [--system-prompt TEXT] [--max-pixels N] [--min-pixels N] [--truncate-response] [--cache-dir DIR] [--workers N]
     mdpo-data preview DATASET --out FILE.png [-n 8] [--strategy crop] [--area LOW HIGH] [--seed 0]
     mdpo-data make-sample OUT_DIR [--n 200] [--eval 40] [--seed 0] [--image-size 64] [--scenes]
 
@@ -42,7 +42,7 @@ def _check(args) -> int:
     # The same validation (and cache entry) as a training run with these settings: it is reused there.
     result = load_records(args.dataset, image_root=args.image_root, on_bad_record="skip", processor=processor,
                           max_length=args.max_length, family=args.family, collator_options=options,
-                          cache_dir=args.cache_dir, log=print)
+                          cache_dir=args.cache_dir, log=print, workers=args.workers)
     bad = list(result.skipped)
     good = result.records
     lines = [f"dataset: {result.path}"]
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--cache-dir", default=None, help="data cache folder (as data.cache_dir; default $MDPO_DATA_CACHE, "
                        "else ~/.cache/mdpo/data): the validation is kept there and a training run with the same settings "
                        "reuses it")
+    check.add_argument("--workers", type=int, default=0, help="validate in N processes (as data.num_workers; 0: this one)")
     check.set_defaults(func=_check)
 
     preview = sub.add_parser("preview", help="PNG grid of original and corrupted images with the texts")

@@ -37,6 +37,7 @@ def load_records(
     cache_dir: str | os.PathLike | None = None,
     processes: Processes | None = None,
     log: Callable[[str], None] | None = None,
+    workers: int = 0,
 ) -> LoadResult:
     """Read and validate every record of a JSON list / JSONL file or a `datasets` table.
 
@@ -58,6 +59,7 @@ def load_records(
     processes: the processes validation is shared over (`Processes.current()`: the torch.distributed
         group; every process of it must then call load_records); default this process alone.
     log: where the one-line report of the validation (reused, or run in N s) goes (main process only).
+    workers: validate this process's share in that many forked processes (training: data.num_workers).
     returns: LoadResult(records: a RecordTable, skipped, path, num_read, lengths).
     """
     if on_bad_record not in ON_BAD_RECORD:
@@ -74,7 +76,7 @@ def load_records(
     index = validated_index(path, root, check_images=check_images, processor=processor,
                             max_length=max_length if processor is not None else None, family=family,
                             collator_options=collator_options if processor is not None else None, cache_dir=cache_dir,
-                            processes=processes, log=log, table=reader.table if table else None)
+                            processes=processes, log=log, table=reader.table if table else None, workers=workers)
     if index.n_read == 0:
         raise DataFileError(f"{path}: holds no records (an empty file, an empty list or only blank lines)")
     if index.skipped:
