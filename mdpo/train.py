@@ -29,7 +29,7 @@ from .components import (build_model, check_report_to, load_processor, make_coll
                          make_metrics_writer, out_of_memory_message, read_records, seed_everything)
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
 from .distributed import Engine, describe, make_engine
-from .data.digests import dataset_identity, image_files_digest, record_image_files
+from .data.digests import dataset_identity, records_images_digest
 from .data.records import identical_pairs_note, sample_ids_of
 from .errors import MdpoError, TrainingOutOfMemoryError
 from .loss import get_objective
@@ -295,7 +295,7 @@ def setup_model(run: Run) -> None:
     scorer = SequenceScorer(run.loaded.model, run.loaded.adapter, **options)
     if cfg.reference.mode == "cached" and run.spec.needs_reference:  # sft has no reference
         run.fingerprint = run_fingerprint(cfg, run.loaded, len(run.records), run.n_corruption_epochs,
-                                          images=images_digest_of(run, run.records, cfg.data.path))
+                                          images=records_images_digest(run.records, cfg.data.cache_dir))
     run.trainable = [p for p in scorer.parameters() if p.requires_grad]
     run.module, run.optimizer = engine.prepare(scorer, run.trainable, run.accum)
     # The scheduler counts optimizer steps; it is the run's own, on the torch optimizer every engine steps.
@@ -303,22 +303,6 @@ def setup_model(run: Run) -> None:
     run.criterion = make_criterion(cfg)
     if reference_model is not None:  # full fine-tuning, live reference: a frozen copy, placed (sharded) like the policy
         run.reference = engine.prepare_reference(SequenceScorer(reference_model, run.loaded.adapter, **options))
-
-
-def images_digest_of(run: Run, records, source: str) -> str | None:
-    """The digest of the image files `records` read (`image_files_digest`: each file read once, then
-    remembered by size and mtime); image files whose bytes changed since they were last read are named."""
-    known = getattr(records, "images_digest", None)  # a RecordTable: checked when it was read (validation)
-    if known is not None:
-        return known
-    digest = image_files_digest(record_image_files(records), run.cfg.data.cache_dir)
-    if digest is None:
-        return None
-    if digest.changed:
-        named = ", ".join(digest.changed[:3]) + (", …" if len(digest.changed) > 3 else "")
-        run.engine.print(f"note: {len(digest.changed)} image file(s) of {source} changed since they were last read ({named}): "
-                         "reference log-probs computed with the old images are stale")
-    return digest.value
 
 
 def setup_reference(run: Run) -> None:
@@ -334,7 +318,7 @@ def setup_reference(run: Run) -> None:
     if run.eval_records:  # held-out pairs are always scored with epoch 0's corrupted image
         eval_fingerprint = run_fingerprint(cfg, run.loaded, len(run.eval_records), 1, data_path=cfg.data.eval_path,
                                            weights=run.fingerprint["model.weights"],
-                                           images=images_digest_of(run, run.eval_records, cfg.data.eval_path))
+                                           images=records_images_digest(run.eval_records, cfg.data.cache_dir))
         run.eval_cache = prepare_reference_cache(eval_cache_path, cfg, engine, run.module, run.eval_records, run.eval_collator,
                                                  eval_fingerprint, 1, run.reference)
 

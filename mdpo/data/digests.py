@@ -245,13 +245,17 @@ def record_image_files(records: Sequence) -> list[str]:
     return [r.image_path for r in records if getattr(r, "image_bytes", None) is None]
 
 
+def records_images_digest(records: Sequence, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The run fingerprint's `data.images` of a record set: what a `RecordTable` found when it was read
+    (validation checks the files at every start), else `image_files_digest` of their image files."""
+    if hasattr(records, "images_digest"):
+        return records.images_digest
+    found = image_files_digest(record_image_files(records), cache_dir)
+    return found.value if found is not None else None
+
+
 def dataset_identity(records: Sequence, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict:
     """What a run trained on, for its checkpoints: the data's digest, its image files' digest and the number
     of records kept. A resume compares it with its own (`mdpo.checkpoints.check_same_data`)."""
     digest = getattr(records, "data_digest", None) or dataset_digest(path, cache_dir)
-    images = getattr(records, "images_digest", None)
-    if images is None and not hasattr(records, "images_digest"):
-        found = image_files_digest(record_image_files(records), cache_dir)
-        images = found.value if found is not None else None
-    return {"data.sha256": digest, "data.images": images, "records": len(records)}
-
+    return {"data.sha256": digest, "data.images": records_images_digest(records, cache_dir), "records": len(records)}
