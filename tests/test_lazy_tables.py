@@ -160,3 +160,14 @@ def test_a_record_changed_under_the_run_is_named(sources, tmp_path, image_dir):
     path.write_text(text)
     with pytest.raises(ValueError, match=r"record 1 changed after it was validated .* must not change under a run"):
         lazy[1]
+
+
+def test_mdpo_data_preview_reads_only_the_records_it_shows(sources, tmp_path, monkeypatch):
+    from mdpo.data.cli import main
+    from mdpo.data.table import TableRecordReader
+
+    read = []
+    raw = TableRecordReader.raw
+    monkeypatch.setattr(TableRecordReader, "raw", lambda self, row, span=None: read.append(row) or raw(self, row, span))
+    assert main(["preview", str(sources / "folder"), "--out", str(tmp_path / "p.png"), "-n", "2"]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0 and sorted(read) == [0, 1]
