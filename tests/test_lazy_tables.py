@@ -171,3 +171,34 @@ def test_mdpo_data_preview_reads_only_the_records_it_shows(sources, tmp_path, mo
     monkeypatch.setattr(TableRecordReader, "raw", lambda self, row, span=None: read.append(row) or raw(self, row, span))
     assert main(["preview", str(sources / "folder"), "--out", str(tmp_path / "p.png"), "-n", "2"]) == 0
     assert (tmp_path / "p.png").stat().st_size > 0 and sorted(read) == [0, 1]
+
+
+def test_string_arrays_take_strings_block_by_block():
+    """`StringArray.take` copies bytes a block of strings at a time: across block edges, with repeats, empty
+    and non-ASCII strings, it gives the strings a list would."""
+    from mdpo.data.table import StringArray
+
+    strings = ["", "a", "Crème", "色彩", "", "longer string here", "z" * 40, "\udcff-escaped"]
+    array = StringArray.from_strings(strings)
+    positions = [7, 0, 3, 3, 5, 1, 4, 2, 6, 0]
+    for block in (1, 3, 4, 1 << 16):
+        taken = array.take(positions, block=block)
+        assert list(taken) == [strings[i] for i in positions], block
+        assert len(taken.data) == sum(len(strings[i].encode("utf-8", "surrogateescape")) for i in positions)
+    assert list(array.take([])) == []
+
+
+def test_the_index_names_each_records_image_and_counts_distinct_images(sources, tmp_path, image_dir):
+    """Image files are numbered into the sorted list of distinct files whatever order the records name them
+    in; embedded images are counted once per distinct picture."""
+    path = tmp_path / "order.jsonl"
+    names = ["3.png", "0.png", "2.png", "0.png", "1.png", "3.jpg", "2.png"]
+    path.write_text("".join(json.dumps({"image": name, "question": f"Colour {i}?", "chosen": "Red.", "rejected": "Blue."}) + "\n"
+                            for i, name in enumerate(names)))
+    lazy = load_records(path, image_root=image_dir).records
+    eager = eager_records(path, image_dir)
+    assert list(lazy.image_files) == sorted({str(image_dir / name) for name in names})
+    assert lazy.image_entries() == [(r.sample_id, r.image_path) for r in eager]
+    assert lazy.index.n_images == 5 and lazy.embedded_images() == (0, None)
+    folder = load_records(sources / "folder").records  # 6 rows, pictures i % 4: 4 distinct embedded images
+    assert folder.index.n_images == 4 and folder.embedded_images() == (6, folder.sample_ids[0])

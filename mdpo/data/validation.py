@@ -303,12 +303,17 @@ def _merge(parts: list[_Part], json_file: bool, length_names: tuple[str, ...]) -
         if i in too_long and i not in bad:
             bad[i] = (ids[int(order[pos])], too_long[i])
     kept = order[keep]
-    kept_images = images.take(kept)
     embedded = columns["embedded"][kept].astype(bool)
-    files = sorted({kept_images[k] for k in np.flatnonzero(~embedded)})
-    position = {path: k for k, path in enumerate(files)}
-    image_of = np.array([-1 if embedded[k] else position[kept_images[k]] for k in range(len(kept))], dtype=np.int32)
-    n_embedded = len({kept_images[k] for k in np.flatnonzero(embedded)})
+    image_of = np.full(len(kept), -1, dtype=np.int32)
+    codes: dict[str, int] = {}  # image file -> first-seen code (one entry per distinct file)
+    for k in np.flatnonzero(~embedded):
+        image_of[k] = codes.setdefault(images[int(kept[k])], len(codes))
+    files = sorted(codes)
+    renumber = np.empty(len(files), dtype=np.int32)  # first-seen code -> position in the sorted files
+    renumber[[codes[f] for f in files]] = np.arange(len(files), dtype=np.int32)
+    image_of[~embedded] = renumber[image_of[~embedded]]
+    del codes
+    n_embedded = len(np.unique(np.fromiter((hash(images[int(kept[k])]) for k in np.flatnonzero(embedded)), dtype=np.int64)))
     shape_codes = columns["shape"][kept]
     return DatasetIndex(
         n_read=max((p.n_read for p in parts), default=0),
