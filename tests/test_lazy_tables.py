@@ -202,3 +202,21 @@ def test_the_index_names_each_records_image_and_counts_distinct_images(sources, 
     assert lazy.index.n_images == 5 and lazy.embedded_images() == (0, None)
     folder = load_records(sources / "folder").records  # 6 rows, pictures i % 4: 4 distinct embedded images
     assert folder.index.n_images == 4 and folder.embedded_images() == (6, folder.sample_ids[0])
+
+
+def test_image_files_are_numbered_right_when_path_hashes_collide(tmp_path, image_dir, monkeypatch):
+    """The merge groups image paths (and finds repeated ids) by hash, then checks the strings: with every
+    hash equal, the index is still the one the strings give."""
+    import mdpo.data.validation as validation
+
+    path = tmp_path / "collide.jsonl"
+    names = ["3.png", "0.png", "2.png", "0.png", "1.png"]
+    path.write_text("".join(json.dumps({"image": name, "question": f"Colour {i}?", "chosen": "Red.", "rejected": "Blue."}) + "\n"
+                            for i, name in enumerate(names)) + json.dumps({"image": "1.png", "question": "Colour 4?",
+                                                                          "chosen": "Red.", "rejected": "Blue."}) + "\n")
+    monkeypatch.setattr(validation, "hash", lambda value: 7, raising=False)
+    result = load_records(path, image_root=image_dir, on_bad_record="skip", cache_dir="off")
+    eager = eager_records(path, image_dir)[:5]  # the sixth repeats the fifth's content, so its id
+    assert [s.index for s in result.skipped] == [5] and "duplicate id (first used by record 4)" in result.skipped[0].reason
+    assert list(result.records.image_files) == sorted({str(image_dir / name) for name in names})
+    assert result.records.image_entries() == [(r.sample_id, r.image_path) for r in eager]
