@@ -173,9 +173,10 @@ def test_mdpo_data_preview_reads_only_the_records_it_shows(sources, tmp_path, mo
     assert (tmp_path / "p.png").stat().st_size > 0 and sorted(read) == [0, 1]
 
 
-def test_string_arrays_take_strings_block_by_block():
+def test_string_arrays_take_and_concat_strings_as_bytes():
     """`StringArray.take` copies bytes a block of strings at a time: across block edges, with repeats, empty
-    and non-ASCII strings, it gives the strings a list would."""
+    and non-ASCII strings, it gives the strings a list would; `concat` joins arrays (emptying the list when
+    it consumes it)."""
     from mdpo.data.table import StringArray
 
     strings = ["", "a", "Crème", "色彩", "", "longer string here", "z" * 40, "\udcff-escaped"]
@@ -186,6 +187,10 @@ def test_string_arrays_take_strings_block_by_block():
         assert list(taken) == [strings[i] for i in positions], block
         assert len(taken.data) == sum(len(strings[i].encode("utf-8", "surrogateescape")) for i in positions)
     assert list(array.take([])) == []
+    chunks = [StringArray.from_strings(strings[:3]), StringArray.from_strings([]), array.take([6, 7]), StringArray.from_strings(strings[3:5])]
+    assert list(StringArray.concat(list(chunks))) == strings[:3] + strings[6:8] + strings[3:5]
+    assert list(StringArray.concat(chunks, consume=True)) == strings[:3] + strings[6:8] + strings[3:5] and chunks == []
+    assert list(StringArray.concat([])) == []
 
 
 def test_the_index_names_each_records_image_and_counts_distinct_images(sources, tmp_path, image_dir):

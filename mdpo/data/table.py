@@ -41,12 +41,21 @@ class StringArray(Sequence[str]):
         return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
 
     @classmethod
-    def concat(cls, parts: Sequence["StringArray"]) -> "StringArray":
-        if not parts:
-            return cls.from_strings([])
-        data = np.concatenate([p.data for p in parts])
-        shifts = np.cumsum([0] + [len(p.data) for p in parts[:-1]])
-        offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, shifts)])
+    def concat(cls, parts: list["StringArray"], consume: bool = False) -> "StringArray":
+        """The strings of `parts`, one after the other. consume: empty the list as each part is copied, so
+        that a part is freed once copied (the peak is the result and one part, not twice the result)."""
+        data = np.empty(sum(int(p.offsets[-1] - p.offsets[0]) for p in parts), dtype=np.uint8)
+        offsets = np.zeros(sum(len(p) for p in parts) + 1, dtype=np.int64)
+        byte, count = 0, 0
+        queue = parts if consume else list(parts)
+        queue.reverse()
+        while queue:
+            part = queue.pop()
+            start, size = int(part.offsets[0]), int(part.offsets[-1] - part.offsets[0])
+            data[byte : byte + size] = part.data[start : start + size]
+            offsets[count + 1 : count + len(part) + 1] = part.offsets[1:] - start + byte
+            byte, count = byte + size, count + len(part)
+            del part
         return cls(data, offsets)
 
     def __len__(self) -> int:
@@ -65,8 +74,9 @@ class StringArray(Sequence[str]):
         for i in range(len(self)):
             yield self[i]
 
-    def take(self, positions: np.ndarray, block: int = 1 << 16) -> "StringArray":
-        """The strings at `positions`, in that order (copied as bytes, block by block: no Python string made)."""
+    def take(self, positions: np.ndarray, block: int = 1 << 12) -> "StringArray":
+        """The strings at `positions`, in that order (copied as bytes, block by block: no Python string made;
+        the byte indices of a block cost 24 bytes a byte, about 4 MB for 4096 paths of 40 bytes)."""
         positions = np.asarray(positions, dtype=np.int64)
         starts, ends = self.offsets[positions], self.offsets[positions + 1]
         lengths = ends - starts

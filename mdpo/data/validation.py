@@ -287,7 +287,7 @@ def _merge(parts: list[_Part], json_file: bool, length_names: tuple[str, ...]) -
         chunks = [chunk for p in parts for chunk in getattr(p, name)]
         for p in parts:
             setattr(p, name, [])
-        return StringArray.concat(chunks)
+        return StringArray.concat(chunks, consume=True)
 
     index = column("index", np.int64)
     order = np.argsort(index, kind="stable")  # shares of a JSON file interleave
@@ -356,11 +356,12 @@ def _image_numbers(images: StringArray, kept: np.ndarray, embedded: np.ndarray) 
             group = np.array([codes.setdefault(images[int(k)], len(codes)) for k in positions], dtype=np.int64)
             distinct = StringArray.from_strings(list(codes))
             break
+    del images  # every record's path (tens of MB at a million records): no longer needed, freed before sorting
     lengths = np.diff(distinct.offsets)
     width = max(int(lengths.max()), 1) if len(lengths) else 1
     rows = np.zeros((len(distinct), width), dtype=np.uint8)  # each path's bytes, zero-padded (paths hold no NUL)
-    for b in range(0, len(distinct), 1 << 16):  # a block of paths at a time: byte indices cost 16 bytes a byte
-        n = lengths[b : b + (1 << 16)]
+    for b in range(0, len(distinct), 1 << 12):  # a block of paths at a time: byte indices cost 24 bytes a byte
+        n = lengths[b : b + (1 << 12)]
         row_of = np.repeat(np.arange(b, b + len(n)), n)
         start, end = distinct.offsets[b], distinct.offsets[b + len(n)]
         rows[row_of, np.arange(start, end) - np.repeat(distinct.offsets[b : b + len(n)], n)] = distinct.data[start:end]
