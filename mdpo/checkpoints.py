@@ -295,6 +295,26 @@ def read_position(ckpt: Path) -> dict:
     return read_state(ckpt, mmap=True)["position"]
 
 
+def check_same_data(ckpt: Path, identity: dict) -> str | None:
+    """Refuse to resume a checkpoint written while training on other data (CheckpointError naming what
+    differs: the data's digest, its image files' digest, the number of records); -> a note for a
+    checkpoint from before checkpoints recorded their data (nothing to compare), else None.
+
+    identity: `mdpo.data.digests.dataset_identity` of this run's records; the checkpoint's is in state.pt
+    ("position" → "data"). Records read in another order would continue another run's epoch silently.
+    """
+    saved = read_state(ckpt, mmap=True)["position"].get("data")
+    if not isinstance(saved, dict):
+        return f"note: resume_from={ckpt} does not record which data it trained on; the data is assumed unchanged"
+    differs = [f"{key} {saved.get(key)!r} then, {identity.get(key)!r} now" for key in sorted(set(saved) | set(identity))
+               if saved.get(key) != identity.get(key)]
+    if differs:
+        raise CheckpointError(f"resume_from={ckpt}: the training data changed since this checkpoint was written "
+                              f"({'; '.join(differs)}); resume with the data it trained on, or start a new run "
+                              "(another output_dir, or overwrite_output_dir: true)")
+    return None
+
+
 def load_checkpoint(ckpt: Path, engine, module, optimizer, scheduler, seed: int = 0) -> dict:
     """Restore parameters, optimizer, scheduler and this process's RNG; -> the loop position.
 

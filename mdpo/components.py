@@ -80,17 +80,22 @@ def build_model(cfg: TrainConfig, device: torch.device, prepared=None):
     return loaded, reference_model
 
 
-def read_records(cfg: TrainConfig, path: str, loaded, what: str = "data.path"):
-    """`load_records` of a run's file, checked with the run's processor (no model weights needed).
+def read_records(cfg: TrainConfig, path: str, loaded, what: str = "data.path", log=None):
+    """`load_records` of a run's file, checked with the run's processor (no model weights needed), validated
+    once per dataset version (cached under data.cache_dir), shared over the run's processes and, in each,
+    over data.num_workers forked workers.
 
     A bad record that aborts the run (data.on_bad_record: error) says how to skip such records instead.
+    log: where the line saying whether validation ran or was reused goes (e.g. the engine's print).
     """
     from .data import BadRecordError, load_records
+    from .data.processes import Processes
 
     try:
         return load_records(path, image_root=cfg.data.image_root, on_bad_record=cfg.data.on_bad_record,
                             processor=loaded.processor, max_length=cfg.data.max_length, family=loaded.family,
-                            collator_options=collator_options(cfg))
+                            collator_options=collator_options(cfg), cache_dir=cfg.data.cache_dir,
+                            processes=Processes.current(), log=log, workers=cfg.data.num_workers)
     except BadRecordError as err:
         raise BadRecordError(err.index, err.sample_id, f"{err.reason} ({what}; to skip such records and train on the "
                              "others, set data.on_bad_record: skip)", err.source) from None

@@ -33,7 +33,8 @@ class DataConfig:
     crop_area: tuple[float, float] = (0.01, 0.2)  # fraction of the image a crop keeps (paper: 1–20 %)
     same_corruption_every_epoch: bool = False  # True: one corrupted image per record for the whole run
     corruption_seed: int = 0  # the corrupted image is a function of (this seed, sample id, epoch)
-    num_workers: int = 0  # processes that collate training micro-batches ahead of the step (0: in the loop)
+    num_workers: int = 0  # processes that collate training micro-batches ahead of the step (0: in the loop); also the processes a dataset's first validation is shared over in each training process
+    cache_dir: str | None = None  # where digests of the data and image files are kept, so later starts do not reread them (null: $MDPO_DATA_CACHE, else ~/.cache/mdpo/data; off: keep nothing)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .data.fingerprint import canonical  # noqa: F401 — imported from here too
 from .errors import MdpoError
 
 CACHE_VERSION = 3  # 2: entries may be partial (pair_held, corrupted_held); 3: a checksum of the values
@@ -251,8 +252,3 @@ class ReferenceCache:
             raise StaleCacheError(f"reference cache {path}: its values do not match their checksum (edited, permuted or "
                                   "damaged since they were computed); delete it to recompute")
         return cls(blob["fingerprint"], *(values[k] for k in CACHE_FIELDS))
-
-
-def canonical(fingerprint: dict) -> dict:
-    """JSON round trip, so tuples and lists compare equal after a save/load."""
-    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))

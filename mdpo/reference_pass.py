@@ -8,8 +8,6 @@ lacks and adds them to the file.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -18,62 +16,21 @@ import torch
 
 from .config import TrainConfig
 from .loss import get_objective
-from .data.records import dataset_digest
-from .reference_cache import ReferenceCache, StaleCacheError, canonical, weights_digest
+from .data.digests import dataset_digest
+from .data.fingerprint import DATA_KEYS_OF_ROWS, canonical, processor_fingerprint  # noqa: F401 — imported from here too
+from .data.records import sample_ids_of
+from .reference_cache import ReferenceCache, StaleCacheError, weights_digest
 from .scoring import move_batch, reference_logps
 
 
-# DataConfig keys that change the tokens or pixels of a row (read with getattr: older configs lack some).
-DATA_KEYS_OF_ROWS = ("max_length", "prompt_template", "max_pixels", "min_pixels", "truncate_response", "system_prompt")
-
-
-def _digest(value) -> str:
-    """sha256 (first 16 hex digits) of a value's canonical JSON: one short, comparable string per field."""
-    text = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def processor_fingerprint(processor) -> dict:
-    """What decides a processor's tokens and pixels, one readable field each (digests for long values).
-
-    tokenizer.vocab: size and digest of the (token, id) table and added tokens; tokenizer.backend: digest
-    of the fast tokenizer's whole definition (merges, normalizer, pre-tokenizer, post-processor);
-    tokenizer.special_tokens: the special-token map and ids; processor.chat_template /
-    tokenizer.chat_template: digests of the templates; image_processor: digest of its canonical
-    settings (`to_dict()`: size, mean, std, patch and merge sizes, pixel limits ...); processor.settings:
-    the processor's own other settings (image token, patch size ...). Costs one pass over the vocabulary.
-    """
-    tokenizer = getattr(processor, "tokenizer", processor)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
-    added = {int(i): str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
-    fields = {
-        "processor.class": type(processor).__name__,
-        "tokenizer.class": type(tokenizer).__name__,
-        "tokenizer.vocab": f"{len(tokenizer)} tokens, {_digest([vocab, sorted(added.items())])}",
-        "tokenizer.special_tokens": {"map": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
-                                     "ids": sorted(int(i) for i in tokenizer.all_special_ids)},
-    }
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        fields["tokenizer.backend"] = _digest(backend.to_str())
-    for owner, name in ((processor, "processor.chat_template"), (tokenizer, "tokenizer.chat_template")):
-        template = getattr(owner, "chat_template", None)
-        fields[name] = None if template is None else _digest(template)
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is not None:
-        fields["image_processor"] = f"{type(image_processor).__name__}, {_digest(canonical(image_processor.to_dict()))}"
-    if processor is not tokenizer and hasattr(processor, "to_dict"):
-        own = {k: v for k, v in processor.to_dict().items()
-               if k not in ("image_processor", "video_processor", "tokenizer", "chat_template", "audio_tokenizer")}
-        fields["processor.settings"] = _digest(canonical(own))
-    return fields
-
-
 def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epochs: int, data_path: str | None = None,
-                    weights: str | None = None) -> dict:
+                    weights: str | None = None, images: str | None = None) -> dict:
     """Everything the reference log-probs of the records in `data_path` (default: data.path) depend on.
 
     `weights`: the base model's `weights_digest`, when already computed (it reads every weight).
+    `images`: the `image_files_digest` value of the image files the records name (`data.images`: a
+    re-saved image makes the cache stale; the whole cache, as a changed data file does). Records whose
+    images are all embedded in the data file have no such field (data.sha256 covers them).
     A quantised base (model.quantization) adds `model.quantization` (method, double quantisation,
     compute dtype): a cache of the unquantised base is refused for it and the other way round. An
     unquantised base has no such field, so caches written before it existed stay valid.
@@ -93,7 +50,8 @@ def run_fingerprint(cfg: TrainConfig, loaded, n_records: int, n_corruption_epoch
         **processor_fingerprint(loaded.processor),
         "versions.transformers": transformers.__version__, "versions.mdpo": __version__,
         **{f"data.{name}": getattr(cfg.data, name, None) for name in DATA_KEYS_OF_ROWS},
-        "data.sha256": dataset_digest(data_path or cfg.data.path), "data.image_root": cfg.data.image_root, "data.records": n_records,
+        "data.sha256": dataset_digest(data_path or cfg.data.path, getattr(cfg.data, "cache_dir", None)), "data.image_root": cfg.data.image_root, "data.records": n_records,
+        **({"data.images": images} if images is not None else {}),
         "data.on_bad_record": cfg.data.on_bad_record,
         "corruption": [cfg.data.corruption, list(cfg.data.crop_area), cfg.data.corruption_seed, cfg.data.same_corruption_every_epoch],
         "corruption.epochs": n_corruption_epochs,
@@ -118,7 +76,7 @@ def compute_reference_cache(scorer, records, collator, fingerprint, n_corruption
     """
     from tqdm.auto import tqdm
 
-    n, ids = len(records), [r.sample_id for r in records]
+    n, ids = len(records), list(sample_ids_of(records))
     has_corrupted = fingerprint["objective.branches"][-1] == "corrupted"
     if needed is None:
         needed = {e: range(n) for e in range(n_corruption_epochs)}
@@ -161,11 +119,12 @@ def missing_entries(cache: ReferenceCache | None, records, needed: dict[int, Seq
     wanted_pairs = sorted({i for idx in needed.values() for i in idx})
     if cache is None:
         return wanted_pairs, ({e: sorted(set(idx)) for e, idx in needed.items()} if has_corrupted else {})
-    pairs = [i for i in wanted_pairs if not cache.holds_pair(records[i].sample_id)]
+    ids = sample_ids_of(records)
+    pairs = [i for i in wanted_pairs if not cache.holds_pair(ids[i])]
     corrupted = {}
     if has_corrupted:
         for e, idx in needed.items():
-            lacking = sorted(i for i in set(idx) if not cache.holds_corrupted(records[i].sample_id, e))
+            lacking = sorted(i for i in set(idx) if not cache.holds_corrupted(ids[i], e))
             if lacking:
                 corrupted[e] = lacking
     return pairs, corrupted

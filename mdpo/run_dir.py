@@ -42,7 +42,7 @@ NOT_TRAINING_KEYS = frozenset({
     "report_to", "tensorboard", "plots", "progress_bar",  # where metrics go
     "kernel_impl", "model.attn_implementation", "model.shared_prefix",  # the same maths, to rounding
     "micro_batch_size",  # memory only: the effective batch and the record order stay
-    "data.num_workers", "model.gradient_checkpointing",  # where and how often activations are computed
+    "data.num_workers", "data.cache_dir", "model.gradient_checkpointing",  # where and how often activations are computed
     "reference.mode", "reference.cache_path",  # cached and live give the same reference log-probs
     "distributed.reshard_after_forward", "distributed.offload", "distributed.deepspeed_config",  # memory and speed only
 })

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from .checkpoints import checkpoints_dir, load_checkpoint, save_checkpoint
+from .checkpoints import check_same_data, checkpoints_dir, load_checkpoint, save_checkpoint
 from .components import (build_model, check_report_to, load_processor, make_collator, make_corruption, make_criterion,
                          make_metrics_writer, out_of_memory_message, read_records, seed_everything)
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, to_dict
 from .distributed import Engine, describe, make_engine
-from .data.records import identical_pairs_note
+from .data.digests import dataset_identity, records_images_digest
+from .data.records import identical_pairs_note, sample_ids_of
 from .errors import MdpoError, TrainingOutOfMemoryError
 from .loss import get_objective
 from .reference_pass import prepare_reference_cache, reference_cache_paths, run_fingerprint
@@ -111,13 +112,13 @@ def load_eval_records(cfg: TrainConfig, loaded, corruption, engine, train_ids: s
     """
     if cfg.data.eval_path is None:
         return [], None
-    result = read_records(cfg, cfg.data.eval_path, loaded, what="data.eval_path")
+    result = read_records(cfg, cfg.data.eval_path, loaded, what="data.eval_path", log=engine.print)
     for index, sample_id, reason in result.skipped:
         engine.print(f"skipped held-out record {index} (id {sample_id}): {reason}")
     records = result.records
     if len(records) < engine.world:
         raise ConfigError(f"data.eval_path={cfg.data.eval_path}: {len(records)} usable record(s), fewer than the {engine.world} processes")
-    shared = [r.sample_id for r in records if r.sample_id in train_ids]
+    shared = [sample_id for sample_id in sample_ids_of(records) if sample_id in train_ids]
     if shared:
         engine.print(f"warning: {len(shared)} held-out record id(s) are also training records, e.g. {shared[:3]}")
     return records, make_collator(cfg, loaded, corruption, records)
@@ -209,6 +210,7 @@ class Run:
     cache: Any = None  # ReferenceCache of the training records (reference.mode: cached)
     eval_cache: Any = None
     resume: Path | None = None
+    data_identity: dict | None = None  # what the run trains on (dataset_identity), saved with each checkpoint
     position: dict = field(default_factory=lambda: {"epoch": 0, "step_in_epoch": 0, "global_step": 0})
     history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
@@ -246,15 +248,18 @@ def setup(cfg: TrainConfig, engine: Engine) -> Run:
     check_report_to(cfg)
     loaded = load_processor(cfg)  # processor + family adapter; model=None until build_model
     spec = get_objective(cfg.objective)
-    result = read_records(cfg, cfg.data.path, loaded)
+    result = read_records(cfg, cfg.data.path, loaded, log=engine.print)
     for index, sample_id, reason in result.skipped:
         engine.print(f"skipped record {index} (id {sample_id}): {reason}")
     if (note := identical_pairs_note(result.records, cfg.data.path, cfg.objective)) is not None:  # chosen == rejected
         engine.print(note)
+    identity = dataset_identity(result.records, cfg.data.path, cfg.data.cache_dir)  # saved with every checkpoint
+    if resume is not None and (note := check_same_data(resume, identity)) is not None:  # other data: refused
+        engine.print(note)
     corruption = make_corruption(cfg)
     collator = make_collator(cfg, loaded, corruption, result.records)
     engine.print(collator.describe_prompts(result.records))
-    eval_records, eval_collator = load_eval_records(cfg, loaded, corruption, engine, {r.sample_id for r in result.records})
+    eval_records, eval_collator = load_eval_records(cfg, loaded, corruption, engine, set(sample_ids_of(result.records)))
 
     # --- schedule: effective batch = micro · accumulation · processes
     if cfg.effective_batch_size % (cfg.micro_batch_size * engine.world):
@@ -267,7 +272,7 @@ def setup(cfg: TrainConfig, engine: Engine) -> Run:
               accum=cfg.effective_batch_size // (cfg.micro_batch_size * engine.world), steps_per_epoch=steps_per_epoch,
               total_steps=steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs),
               n_corruption_epochs=1 if (cfg.data.same_corruption_every_epoch or not spec.has_corrupted) else cfg.epochs,
-              resume=resume)
+              resume=resume, data_identity=identity)
     setup_model(run)
     setup_reference(run)
     setup_resume(run)
@@ -289,7 +294,8 @@ def setup_model(run: Run) -> None:
                    single_forward=engine.shards_weights)
     scorer = SequenceScorer(run.loaded.model, run.loaded.adapter, **options)
     if cfg.reference.mode == "cached" and run.spec.needs_reference:  # sft has no reference
-        run.fingerprint = run_fingerprint(cfg, run.loaded, len(run.records), run.n_corruption_epochs)
+        run.fingerprint = run_fingerprint(cfg, run.loaded, len(run.records), run.n_corruption_epochs,
+                                          images=records_images_digest(run.records, cfg.data.cache_dir))
     run.trainable = [p for p in scorer.parameters() if p.requires_grad]
     run.module, run.optimizer = engine.prepare(scorer, run.trainable, run.accum)
     # The scheduler counts optimizer steps; it is the run's own, on the torch optimizer every engine steps.
@@ -311,7 +317,8 @@ def setup_reference(run: Run) -> None:
                                         run.n_corruption_epochs, run.reference, needed=needed)
     if run.eval_records:  # held-out pairs are always scored with epoch 0's corrupted image
         eval_fingerprint = run_fingerprint(cfg, run.loaded, len(run.eval_records), 1, data_path=cfg.data.eval_path,
-                                           weights=run.fingerprint["model.weights"])
+                                           weights=run.fingerprint["model.weights"],
+                                           images=records_images_digest(run.eval_records, cfg.data.cache_dir))
         run.eval_cache = prepare_reference_cache(eval_cache_path, cfg, engine, run.module, run.eval_records, run.eval_collator,
                                                  eval_fingerprint, 1, run.reference)
 
@@ -445,7 +452,8 @@ def train_loop(run: Run, reporter: Reporter) -> None:
             if run.eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == run.total_steps):
                 run_evaluation(run, reporter, step)
             if (cfg.save_every and step % cfg.save_every == 0) or at_epoch_end or step == run.total_steps:
-                save_checkpoint(run.out, engine, module, run.optimizer, run.scheduler, next_pos, cfg, keep=run.resume)
+                save_checkpoint(run.out, engine, module, run.optimizer, run.scheduler, {**next_pos, "data": run.data_identity},
+                                cfg, keep=run.resume)
 
 
 # ----------------------------------------------------------------------------------------- finish

@@ -30,3 +30,12 @@ def _seed():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Digests and validation results of the tests' data go to a folder of the session, not ~/.cache
+    (subprocesses inherit it)."""
+    if "MDPO_DATA_CACHE" not in os.environ:
+        os.environ["MDPO_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield

@@ -128,7 +128,7 @@ def test_training_evaluates_held_out_pairs_and_caches_their_reference(sample, tm
     assert capsys.readouterr().out.count("reusing") == 2
     other = sample[1].parent / "other_eval.json"  # beside the images it names
     other.write_text(json.dumps(json.loads(sample[1].read_text())[:4]))
-    with pytest.raises(StaleCacheError, match=r"reference_logps-eval.pt was computed for a different setting \(data.records.*; data.sha256"):
+    with pytest.raises(StaleCacheError, match=r"reference_logps-eval.pt was computed for a different setting \(data.images.*; data.records.*; data.sha256"):
         train(load_config(None, _overrides(sample, tmp_path / "other", "max_steps=1", f"data.eval_path={other}",
                                            f"reference.cache_path={out / 'reference_logps.pt'}")))
 

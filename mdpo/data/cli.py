@@ -1,7 +1,7 @@
 """`mdpo-data`: check a preference dataset, preview its corrupted images, or make a sample one.
 
     mdpo-data check DATASET [--image-root DIR] [--processor DIR] [--max-length N] [--prompt-template model|verbatim]
-                    [--system-prompt TEXT] [--max-pixels N] [--min-pixels N] [--truncate-response]
+                    [--system-prompt TEXT] [--max-pixels N] [--min-pixels N] [--truncate-response] [--cache-dir DIR] [--workers N]
     mdpo-data preview DATASET --out FILE.png [-n 8] [--strategy crop] [--area LOW HIGH] [--seed 0]
     mdpo-data make-sample OUT_DIR [--n 200] [--eval 40] [--seed 0] [--image-size 64] [--scenes]
 
@@ -13,6 +13,8 @@ import argparse
 import statistics
 import sys
 from collections import Counter
+
+import numpy as np
 
 from ..errors import MdpoError
 from .corruption import STRATEGIES, CorruptionConfig
@@ -30,20 +32,27 @@ def _stats_line(name: str, values: list[int]) -> str:
 
 
 def _check(args) -> int:
-    result = load_records(args.dataset, image_root=args.image_root, on_bad_record="skip")
+    processor = None
+    if args.processor is not None:
+        from .collate import load_processor
+
+        processor = load_processor(args.processor)
+    options = dict(prompt_template=args.prompt_template, system_prompt=args.system_prompt, max_pixels=args.max_pixels,
+                   min_pixels=args.min_pixels, truncate_response=args.truncate_response)
+    # The same validation (and cache entry) as a training run with these settings: it is reused there.
+    result = load_records(args.dataset, image_root=args.image_root, on_bad_record="skip", processor=processor,
+                          max_length=args.max_length, family=args.family, collator_options=options,
+                          cache_dir=args.cache_dir, log=print, workers=args.workers)
     bad = list(result.skipped)
     good = result.records
     lines = [f"dataset: {result.path}"]
     token_lines, prompt_lines = [], []
-    if args.processor is not None:
+    if processor is not None:
         from .collate import PreferenceCollator
 
         max_length = args.max_length if args.max_length is not None else 10**9
-        collator = PreferenceCollator(args.processor, objective="dpo", max_length=max_length, family=args.family,
-                                      prompt_template=args.prompt_template, system_prompt=args.system_prompt,
-                                      max_pixels=args.max_pixels, min_pixels=args.min_pixels,
-                                      truncate_response=args.truncate_response)
-        if good:
+        collator = PreferenceCollator(processor, objective="dpo", max_length=max_length, family=args.family, **options)
+        if len(good):
             first = good[0]
             try:
                 rendered = collator.prompt_text(first)
@@ -53,37 +62,25 @@ def _check(args) -> int:
                 rendered = f"(cannot be rendered: {err.reason})"
                 prompt_lines.append(f"prompt of record {first.index} (id {first.sample_id!r}):")
             prompt_lines += ["  | " + line for line in rendered.split("\n")]
-        lengths = {"prompt": [], "image+special": [], "chosen": [], "rejected": [], "row": []}
-        fitting = []
-        for record in good:
-            try:
-                n = collator.measure(record)
-                lengths["prompt"].append(n["prompt"])
-                lengths["image+special"].append(n["protected"])
-                lengths["chosen"].append(n["chosen"])
-                lengths["rejected"].append(n["rejected"])
-                lengths["row"].append(n["prompt"] + max(n["chosen"], n["rejected"]))
-                collator.check_fits(record)
-                fitting.append(record)
-            except BadRecordError as err:
-                bad.append((err.index, err.sample_id, err.reason))
-        good = fitting
+        lengths = result.lengths
+        rows = lengths["prompt"] + np.maximum(lengths["chosen"], lengths["rejected"])
         limit = f", max_length {args.max_length}" if args.max_length is not None else ""
-        token_lines.append(f"tokens ({type(collator.processor).__name__}, family {collator.family}{limit}; responses include EOS):")
-        token_lines += [_stats_line(k, v) for k, v in lengths.items()]
+        token_lines.append(f"tokens ({type(collator.processor).__name__}, family {collator.family}{limit}; responses include EOS; "
+                           "valid records):")
+        token_lines += [_stats_line(name, lengths[key].tolist()) for name, key in
+                        (("prompt", "prompt"), ("image+special", "protected"), ("chosen", "chosen"), ("rejected", "rejected"))]
+        token_lines.append(_stats_line("row", rows.tolist()))
     else:
-        if good and good[0].shape == "paper":
+        if len(good) and good[0].shape == "paper":
             prompt_lines.append(f"prompt of record {good[0].index} as written (give --processor DIR to see it rendered "
                                 f"with the model's chat template, --prompt-template {args.prompt_template}):")
             prompt_lines += ["  | " + line for line in str(good[0].prompt).split("\n")]
         token_lines.append("words (give --processor DIR for token counts):")
-        token_lines.append(_stats_line("question", [len(r.display_question.split()) for r in good]))
-        token_lines.append(_stats_line("chosen", [len(r.chosen.split()) for r in good]))
-        token_lines.append(_stats_line("rejected", [len(r.rejected.split()) for r in good]))
-    shapes = Counter(r.shape for r in good)
+        token_lines += [_stats_line(name, result.lengths[name].tolist()) for name in ("question", "chosen", "rejected")]
+    shapes = good.shape_counts if hasattr(good, "shape_counts") else Counter(r.shape for r in good)
     lines.append(f"records: {result.num_read} read, {len(good)} valid, {len(bad)} bad")
-    lines.append("shapes: " + (", ".join(f"{k} {v}" for k, v in sorted(shapes.items())) or "none"))
-    lines.append(f"images: {len({r.image_path for r in good})} distinct files")
+    lines.append("shapes: " + (", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if v) or "none"))
+    lines.append(f"images: {good.index.n_images if hasattr(good, 'index') else len({r.image_path for r in good})} distinct files")
     same = identical_pairs(good)  # not bad records: under mdpo the conditional and anchor terms still use them
     lines.append(f"chosen == rejected: {len(same)} pair(s)" + (
         " (their DPO term is constant), e.g. " + ", ".join(f"record {r.index} (id {r.sample_id!r})" for r in same[:5]) if same else ""))
@@ -99,7 +96,7 @@ def _check(args) -> int:
 def _preview(args) -> int:
     from .preview import render_preview
 
-    result = load_records(args.dataset, image_root=args.image_root, on_bad_record="skip")
+    result = load_records(args.dataset, image_root=args.image_root, on_bad_record="skip", cache_dir=args.cache_dir)
     if result.skipped:
         print(f"skipped {len(result.skipped)} bad records (run `mdpo-data check` for the reasons)")
     if not result.records:
@@ -143,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--min-pixels", type=int, default=None, help="Qwen2-VL / 2.5-VL: fewest pixels per image")
     check.add_argument("--truncate-response", action="store_true",
                        help="cut responses that do not fit (as data.truncate_response: true) instead of flagging them")
+    check.add_argument("--cache-dir", default=None, help="data cache folder (as data.cache_dir; default $MDPO_DATA_CACHE, "
+                       "else ~/.cache/mdpo/data): the validation is kept there and a training run with the same settings "
+                       "reuses it")
+    check.add_argument("--workers", type=int, default=0, help="validate in N processes (as data.num_workers; 0: this one)")
     check.set_defaults(func=_check)
 
     preview = sub.add_parser("preview", help="PNG grid of original and corrupted images with the texts")
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--seed", type=int, default=0)
     preview.add_argument("--epoch", type=int, default=0)
     preview.add_argument("--image-root", default=None)
+    preview.add_argument("--cache-dir", default=None, help="data cache folder (as data.cache_dir)")
     preview.set_defaults(func=_preview)
 
     sample = sub.add_parser("make-sample", help="write a small synthetic dataset of rendered scenes")

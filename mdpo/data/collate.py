@@ -256,10 +256,14 @@ class PreferenceCollator:
     def set_image_pool(self, records: ImagePool | Sequence[PreferenceRecord]) -> None:
         """The images `random_image` picks from (normally the whole dataset)."""
         if not isinstance(records, ImagePool):
-            embedded = [r.sample_id for r in records if getattr(r, "image_bytes", None) is not None]
-            if embedded:
-                raise ConfigError(f"data.corruption: random_image draws other records' image files, but {len(embedded)} "
-                                  f"record(s) hold embedded images (e.g. id {embedded[0]!r}); use crop or moco_v2 for them")
+            if hasattr(records, "embedded_images"):  # a RecordTable: known from validation, no record read
+                n_embedded, example = records.embedded_images()
+            else:
+                embedded = [r.sample_id for r in records if getattr(r, "image_bytes", None) is not None]
+                n_embedded, example = len(embedded), embedded[0] if embedded else None
+            if n_embedded:
+                raise ConfigError(f"data.corruption: random_image draws other records' image files, but {n_embedded} "
+                                  f"record(s) hold embedded images (e.g. id {example!r}); use crop or moco_v2 for them")
         self.image_pool = records if isinstance(records, ImagePool) else ImagePool(records)
 
     def __call__(self, records: Sequence[PreferenceRecord], branches: Sequence[str] | None = None) -> dict[str, Any]:
@@ -342,7 +346,8 @@ class PreferenceCollator:
             paper = f"used as written (only '<image>' mapped to the {self.family} placeholder)"
         else:
             paper = f"re-rendered from their recovered system text and turns with {via}"
-        n_paper = sum(1 for r in records if r.shape == "paper")
+        counts = getattr(records, "shape_counts", None)  # a RecordTable: counted at validation
+        n_paper = counts.get("paper", 0) if counts is not None else sum(1 for r in records if r.shape == "paper")
         parts = [f"{n_paper} paper-shape record(s) {paper}"] if n_paper else []
         if len(records) > n_paper:
             parts.append(f"{len(records) - n_paper} plain / TRL-shape record(s) rendered with {via}")

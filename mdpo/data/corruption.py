@@ -151,8 +151,10 @@ class ImagePool:
 
     def __init__(self, records: Sequence[Any]):
         entries = {}
-        for record in records:
-            entries.setdefault(str(record.sample_id), str(record.image_path))
+        pairs = (records.image_entries() if hasattr(records, "image_entries")  # a RecordTable: no record read
+                 else ((record.sample_id, record.image_path) for record in records))
+        for sample_id, image_path in pairs:
+            entries.setdefault(str(sample_id), str(image_path))
         self.entries = sorted(entries.items())
         self.path_of = dict(self.entries)
         if len({path for _, path in self.entries}) < 2:

@@ -1,5 +1,10 @@
 """Reading a whole dataset: every record parsed, checked and, with a processor, measured against
-`data.max_length` the way the collator will tokenise it (`load_records`).
+`data.max_length` the way the collator will tokenise it (`load_records`), once per dataset version.
+
+The records come back as a `RecordTable`: an index of the kept records (rows, byte spans, ids, image
+files) that reads a record when it is asked for, so a table of a million pairs costs tens of MB, not
+its images' bytes, in every process. What validation found is cached (`mdpo.data.validation`), so a
+later start only checks the data and its image files are unchanged.
 
 Kept apart from `records` (one record's shape and parsing) because measuring needs the collator, which
 itself builds on `records`.
@@ -9,11 +14,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .collate import PreferenceCollator
-from .records import (ON_BAD_RECORD, BadRecordError, DataFileError, LoadResult, PreferenceRecord, SkippedRecord, is_table,
-                      iter_raw_records, iter_table_records, parse_record)
+from .processes import Processes
+from .records import ON_BAD_RECORD, BadRecordError, DataFileError, LoadResult, is_table, open_table
+from .table import JsonRecordReader, RecordTable, TableRecordReader
+from .validation import validated_index
 
 logger = logging.getLogger("mdpo.data.records")
 
@@ -28,21 +34,33 @@ def load_records(
     family: str | None = None,
     check_images: bool = True,
     collator_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    processes: Processes | None = None,
+    log: Callable[[str], None] | None = None,
+    workers: int = 0,
 ) -> LoadResult:
     """Read and validate every record of a JSON list / JSONL file or a `datasets` table.
 
     path: the dataset file (JSON / JSONL), or a `datasets` `save_to_disk` folder or `.parquet` file.
     image_root: folder the image paths are relative to (default: the file's folder; a dataset folder itself).
-    on_bad_record: "error" raises BadRecordError at the first bad record; "skip" lists it in
+    on_bad_record: "error" raises BadRecordError for the first bad record; "skip" lists every bad one in
         `LoadResult.skipped` (index, sample_id, reason) and goes on. Nothing is dropped silently.
     processor, max_length: when both are given, every record is also tokenised as the collator would
         (image loaded, image tokens counted) and one that does not fit in `max_length` tokens even
         after cutting all prompt text is bad. `family` as for PreferenceCollator; `collator_options`
         are the other PreferenceCollator arguments that change the tokens (prompt_template,
         system_prompt, max_pixels, min_pixels, truncate_response): give the run's own, so that the
-        check measures what training will see.
+        check measures what training will see. A processor without max_length measures only
+        (`LoadResult.lengths`, for `mdpo-data check`).
     check_images: open every image and verify it (set False to trust the files and load faster).
-    returns: LoadResult(records, skipped, path, num_read).
+    cache_dir: the data cache folder (`digests.data_cache_dir`: data.cache_dir, $MDPO_DATA_CACHE,
+        ~/.cache/mdpo/data): what validation found is kept there and reused while the data, its image
+        files and the settings above are unchanged.
+    processes: the processes validation is shared over (`Processes.current()`: the torch.distributed
+        group; every process of it must then call load_records); default this process alone.
+    log: where the one-line report of the validation (reused, or run in N s) goes (main process only).
+    workers: validate this process's share in that many forked processes (training: data.num_workers).
+    returns: LoadResult(records: a RecordTable, skipped, path, num_read, lengths).
     """
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record={on_bad_record!r} must be one of {ON_BAD_RECORD}")
@@ -53,35 +71,20 @@ def load_records(
     if not table and not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
-    measurer = None
-    if processor is not None and max_length is not None:
-        measurer = PreferenceCollator(processor, objective="dpo", max_length=max_length, family=family,
-                                      **(collator_options or {}))
-    records: list[PreferenceRecord] = []
-    skipped: list[SkippedRecord] = []
-    first_index: dict[str, int] = {}
-    num_read = 0
-    for index, raw, parse_error in (iter_table_records(path) if table else iter_raw_records(path)):
-        num_read += 1
-        try:
-            if parse_error is not None:
-                raise BadRecordError(index, None, parse_error)
-            record = parse_record(raw, index, root, check_images=check_images)
-            if record.sample_id in first_index:
-                raise BadRecordError(index, record.sample_id,
-                                     f"duplicate id (first used by record {first_index[record.sample_id]})")
-            if measurer is not None:
-                measurer.check_fits(record)
-        except BadRecordError as err:
-            err.source = str(path)
-            if on_bad_record == "error":
-                raise BadRecordError(err.index, err.sample_id, err.reason, str(path)) from None
-            skipped.append(SkippedRecord(err.index, err.sample_id, err.reason))
-            continue
-        first_index[record.sample_id] = index
-        records.append(record)
-    if num_read == 0:
+    processes = processes or Processes()
+    reader = TableRecordReader(path, open_table(path)) if table else JsonRecordReader(path)
+    index = validated_index(path, root, check_images=check_images, processor=processor,
+                            max_length=max_length if processor is not None else None, family=family,
+                            collator_options=collator_options if processor is not None else None, cache_dir=cache_dir,
+                            processes=processes, log=log, table=reader.table if table else None, workers=workers)
+    if index.n_read == 0:
         raise DataFileError(f"{path}: holds no records (an empty file, an empty list or only blank lines)")
-    if skipped:
-        logger.warning("%s: skipped %d of %d records (on_bad_record='skip')", path, len(skipped), num_read)
-    return LoadResult(records=records, skipped=skipped, path=str(path), num_read=num_read)
+    if index.skipped:
+        if on_bad_record == "error":
+            first = index.skipped[0]
+            raise BadRecordError(first.index, first.sample_id, first.reason, str(path))
+        if processes.is_main:
+            logger.warning("%s: skipped %d of %d records (on_bad_record='skip')", path, len(index.skipped), index.n_read)
+    records = RecordTable(reader, index, root)
+    return LoadResult(records=records, skipped=list(index.skipped), path=str(path), num_read=index.n_read,
+                      lengths={name: index.lengths[:, k] for k, name in enumerate(index.length_names)})

@@ -44,7 +44,7 @@ def render_preview(
     """Write a PNG grid of the first `n` records: original | corrupted | text. Returns its path."""
     from PIL import Image, ImageDraw
 
-    shown = list(records)[: max(1, n)]
+    shown = list(records[: max(1, n)])  # a RecordTable reads only these
     if not shown:
         raise ValueError("render_preview: no records to show")
     pool_obj = None

@@ -33,9 +33,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from ..errors import MdpoError
+from .digests import dataset_digest  # noqa: F401 — imported from here too
 
 
 IMAGE_PLACEHOLDER = "<image>"  # the placeholder of the paper shape's templated prompt
@@ -102,10 +103,11 @@ class PreferenceRecord:
 
 @dataclass
 class LoadResult:
-    records: list[PreferenceRecord]
+    records: Sequence[PreferenceRecord]  # load_records: a RecordTable (records read when asked for)
     skipped: list[SkippedRecord]
     path: str
     num_read: int  # records in the file, good and bad
+    lengths: dict[str, Any] = field(default_factory=dict)  # per kept record: token counts (with a processor) or words
 
     def summary(self) -> str:
         """Counts, then one line per skipped record (for the run's output)."""
@@ -124,11 +126,32 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | 
     wrapper such as {"records": [...]}) raises DataFileError naming the file; a JSONL line that does not
     parse is a bad record (its line and column in the parse error).
     """
+    for index, raw, error, _, _ in iter_json_spans(path):
+        yield index, raw, error
+
+
+def iter_json_spans(path: str | os.PathLike, wanted: Callable[[int], bool] | None = None
+                    ) -> Iterator[tuple[int, Any, str | None, int, int]]:
+    """(index, raw object, parse error or None, start byte, end byte) of every record of a JSON list or
+    JSONL file, read as `iter_raw_records` describes; bytes [start, end) of the file hold the record
+    (`read_json_span` parses it again from there: a record is found later by its span alone).
+
+    wanted(index): parse this record (default: every one); for the others raw and error are None (a
+    JSONL line is then only counted and checked to be UTF-8; a JSON list's elements are all decoded, as
+    finding where one ends is parsing it). A JSON list is decoded from its text one element at a time,
+    so its records are never all held as objects; a list that does not parse raises json's own error
+    (line and column), possibly after its first elements were yielded.
+    """
     path = Path(path)
     try:
-        yield from _iter_json_records(path)
+        yield from _iter_json_spans(path, wanted)
     except UnicodeDecodeError:
         raise DataFileError(f"{path}: not UTF-8 text ({_first_non_utf8(path)}); save it as UTF-8") from None
+
+
+def read_json_span(handle, start: int, end: int) -> Any:
+    """The record in bytes [start, end) of an open binary file (`iter_json_spans` gave the span)."""
+    return json.loads(os.pread(handle.fileno(), end - start, start).decode("utf-8"))
 
 
 def _first_non_utf8(path: Path) -> str:
@@ -143,40 +166,89 @@ def _first_non_utf8(path: Path) -> str:
     return "a byte sequence that is not UTF-8"
 
 
-def _iter_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _head(path: Path) -> str:
+    """The file's first character that is not whitespace ("" for a blank file)."""
     with open(path, encoding="utf-8") as handle:
-        head = ""
         while True:
             ch = handle.read(1)
             if not ch or not ch.isspace():
-                head = ch
-                break
-        handle.seek(0)
-        if head == "[":
+                return ch
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")  # the whitespace json allows between values
+
+
+def _iter_json_spans(path: Path, wanted: Callable[[int], bool] | None) -> Iterator[tuple[int, Any, str | None, int, int]]:
+    head = _head(path)
+    if head == "[":
+        text = path.read_text(encoding="utf-8")
+        ascii_only = text.isascii()
+        last_char = last_byte = 0
+
+        def byte_at(pos: int) -> int:  # char offset -> byte offset (positions only grow)
+            nonlocal last_char, last_byte
+            if ascii_only:
+                return pos
+            last_byte += len(text[last_char:pos].encode("utf-8"))
+            last_char = pos
+            return last_byte
+
+        decoder, index = json.JSONDecoder(), 0
+        try:
+            pos = _JSON_SPACE.match(text).end()
+            if not text.startswith("[", pos):
+                raise ValueError(pos)
+            pos = _JSON_SPACE.match(text, pos + 1).end()
+            if text.startswith("]", pos):
+                pos += 1
+            else:
+                while True:
+                    raw, end = decoder.raw_decode(text, pos)
+                    take = wanted is None or wanted(index)
+                    yield index, raw if take else None, None, byte_at(pos), byte_at(end)
+                    index += 1
+                    pos = _JSON_SPACE.match(text, end).end()
+                    if text.startswith(",", pos):
+                        pos = _JSON_SPACE.match(text, pos + 1).end()
+                    elif text.startswith("]", pos):
+                        pos += 1
+                        break
+                    else:
+                        raise ValueError(pos)
+            if _JSON_SPACE.match(text, pos).end() != len(text):
+                raise ValueError(pos)
+        except ValueError:  # json's own message (line, column) for what does not parse
             try:
-                data = json.load(handle)
+                json.loads(text)
             except json.JSONDecodeError as err:
                 cut = "; it does not end with ']' (cut off?)" if not err.doc.rstrip().endswith("]") else ""
                 raise DataFileError(f"{path}: not valid JSON ({err.msg}: line {err.lineno}, column {err.colno}){cut}") from None
-            for index, raw in enumerate(data):
-                yield index, raw, None
-            return
-        index = 0
+            raise
+        return
+    index, offset = 0, 0
+    with open(path, "rb") as handle:
         for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+            start, offset = offset, offset + len(line)
+            text = line.decode("utf-8")
+            if not text.strip():
                 continue
-            text = line.rstrip("\r\n")  # an error at the line's end is then in this line, not at "line 2, column 1"
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as err:
-                if index == 0 and head == "{":
-                    _refuse_single_object(path)
-                cut = "; it does not end with '}' (cut off?)" if not text.rstrip().endswith("}") else ""
-                yield index, None, f"line {line_number} is not valid JSON ({err.msg}: column {err.pos + 1}){cut}"
-            else:
-                if index == 0:
-                    _refuse_wrapper(path, raw)
-                yield index, raw, None
+            take = wanted is None or wanted(index)
+            raw = error = None
+            if take or index == 0:  # the first record is always parsed: it tells a wrapper object from records
+                text = text.rstrip("\r\n")  # an error at the line's end is then in this line, not at "line 2, column 1"
+                try:
+                    raw = json.loads(text)
+                except json.JSONDecodeError as err:
+                    if index == 0 and head == "{":
+                        _refuse_single_object(path)
+                    cut = "; it does not end with '}' (cut off?)" if not text.rstrip().endswith("}") else ""
+                    error = f"line {line_number} is not valid JSON ({err.msg}: column {err.pos + 1}){cut}"
+                else:
+                    if index == 0:
+                        _refuse_wrapper(path, raw)
+                if not take:
+                    raw = error = None
+            yield index, raw, error, start, offset
             index += 1
 
 
@@ -186,52 +258,50 @@ def is_table(path: str | os.PathLike) -> bool:
     return path.is_dir() or path.suffix.lower() in TABLE_SUFFIXES
 
 
-def dataset_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a dataset: a file's bytes, or for a folder (`datasets` save_to_disk) every file's
-    relative name and bytes in sorted order. Reads everything once (streamed, 1 MB blocks)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            h.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield (index, row, None) for every row of a `datasets` table: a `save_to_disk` folder (a
-    Dataset, or a DatasetDict with one split or a "train" split) or a `.parquet` file. Image columns
-    are read undecoded, as their encoded bytes. Needs the `datasets` package (imported here only)."""
+def open_table(path: str | os.PathLike):
+    """The `datasets.Dataset` of a `datasets` table, memory-mapped: a `save_to_disk` folder (a Dataset, or a
+    DatasetDict with one split or a "train" split) or a `.parquet` file (which `datasets` converts once to
+    an Arrow file in its own cache, HF_DATASETS_CACHE, and maps from there). Needs the `datasets` package
+    (imported here only)."""
     path = Path(path)
     try:
         import datasets
     except ImportError:
         raise DataFileError(f"{path}: reading a Hugging Face datasets folder or a parquet file needs the `datasets` "
                             "package (pip install datasets)") from None
-    if path.is_dir():
-        try:
-            table = datasets.load_from_disk(str(path))
-        except FileNotFoundError as err:
-            raise DataFileError(f"{path}: a folder, but not one written by datasets' save_to_disk ({err})") from None
-        if isinstance(table, datasets.DatasetDict):
-            splits = list(table)
-            if len(splits) == 1 or "train" in splits:
-                table = table[splits[0] if len(splits) == 1 else "train"]
-            else:
-                raise DataFileError(f"{path}: a DatasetDict with splits {splits} and none named 'train'; "
-                                    "give the folder of one split")
-    else:
-        table = datasets.Dataset.from_parquet(str(path))
-    # Arrow rows: Image cells stay {"bytes", "path"} structs (never decoded to PIL, nothing re-cast or
-    # written next to the user's table).
-    index = 0
-    for batch in table.with_format("arrow").iter(batch_size=256):
-        for row in batch.to_pylist():
-            yield index, row, None
-            index += 1
+    if not path.is_dir():
+        return datasets.Dataset.from_parquet(str(path))
+    try:
+        table = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataFileError(f"{path}: a folder, but not one written by datasets' save_to_disk ({err})") from None
+    if isinstance(table, datasets.DatasetDict):
+        splits = list(table)
+        if len(splits) == 1 or "train" in splits:
+            table = table[splits[0] if len(splits) == 1 else "train"]
+        else:
+            raise DataFileError(f"{path}: a DatasetDict with splits {splits} and none named 'train'; "
+                                "give the folder of one split")
+    return table
+
+
+def iter_table_rows(table, start: int = 0, stop: int | None = None, batch_size: int = 256) -> Iterator[tuple[int, Any]]:
+    """(row index, row dict) for rows [start, stop) of a `datasets.Dataset`, read in Arrow batches.
+
+    Rows come as Arrow gives them: Image cells stay {"bytes", "path"} structs (never decoded to PIL,
+    nothing re-cast or written next to the user's table). The only copies made are of the rows read.
+    """
+    arrow = table.with_format("arrow")
+    stop = len(table) if stop is None else min(stop, len(table))
+    for begin in range(start, stop, batch_size):
+        for offset, row in enumerate(arrow[begin : min(begin + batch_size, stop)].to_pylist()):
+            yield begin + offset, row
+
+
+def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (index, row, None) for every row of a `datasets` table (`open_table`), image cells undecoded."""
+    for index, row in iter_table_rows(open_table(path)):
+        yield index, row, None
 
 
 RECORD_KEYS = frozenset({"prompt", "question", "chosen", "rejected", "image", "img_path", "images"})
@@ -514,8 +584,18 @@ def identical_pairs(records: list[PreferenceRecord]) -> list[PreferenceRecord]:
     Such a pair is not refused: its DPO term is constant (equal log-ratios, no gradient), but the
     conditional and anchor terms read only the chosen response and still train on it, and `sft` never
     reads the rejected one. It is counted and named instead, so a data bug that makes many is seen.
+    A `RecordTable` knows them from its validation: only those records are read.
     """
+    positions = getattr(records, "identical_positions", None)
+    if positions is not None:
+        return [records[k] for k in positions]
     return [r for r in records if r.chosen.strip() == r.rejected.strip()]
+
+
+def sample_ids_of(records: Sequence[PreferenceRecord]) -> Sequence[str]:
+    """Every record's sample id, in order (a `RecordTable` gives them without reading a record)."""
+    ids = getattr(records, "sample_ids", None)
+    return ids if ids is not None else [r.sample_id for r in records]
 
 
 def identical_pairs_note(records: list[PreferenceRecord], source: str, objective: str = "mdpo") -> str | None:
