@@ -10,17 +10,22 @@ __all__ = ["MDPOLoss", "mdpo_loss"]
 __version__ = "0.1.0"
 
 
-class _OptionalHubKernelFilter(_logging.Filter):
-    """bitsandbytes (imported by peft whenever it is installed, so in every run) logs at import that it could
-    not fetch an optional CPU kernel from the model hub, then runs its built-in one: two lines of noise per
-    process that say nothing about the run. Only those two messages are dropped."""
+class _ImportNoiseFilter(_logging.Filter):
+    """Lines that optional packages log at import and that say nothing about the run, dropped by message:
+    bitsandbytes (imported by peft whenever it is installed, so in every run) could not fetch an optional
+    CPU kernel from the model hub and runs its built-in one (two lines); DeepSpeed (imported by
+    transformers / accelerate whenever it is installed, even in a ddp run) found no GPU and picked its CPU
+    accelerator (one line, with a timestamp, in the middle of the run's output). Nothing else is dropped."""
+
+    NOISE = ("kernels-community", "Setting accelerator to CPU. If you have GPU or other accelerator")
 
     def filter(self, record: _logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
 
 
-for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
-    _logging.getLogger(_name).addFilter(_OptionalHubKernelFilter())
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub", "DeepSpeed"):
+    _logging.getLogger(_name).addFilter(_ImportNoiseFilter())
 
 
 def __getattr__(name):

@@ -259,3 +259,17 @@ def test_resume_on_two_processes_from_a_one_process_checkpoint(sample, tmp_path)
     assert _losses(resumed) == pytest.approx(_losses(single)[2:], rel=1e-5)
     state = torch.load(resumed / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
     assert state["processes"] == 2 and (resumed / "checkpoints" / "step-000004" / "rng-1.pt").is_file()
+
+
+def test_deepspeed_import_line_on_a_cpu_machine_is_dropped_and_its_other_lines_kept():
+    """DeepSpeed, imported by transformers / accelerate in every run once installed, logs "Setting
+    accelerator to CPU ..." when it finds no GPU: with mdpo imported first, that line is gone and any other
+    DeepSpeed warning still shows."""
+    pytest.importorskip("deepspeed")
+    noise = "Setting accelerator to CPU"
+    code = "import deepspeed; from deepspeed.utils import logger; logger.warning('another DeepSpeed line')"
+    run = lambda prefix: subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True,  # noqa: E731
+                                        timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    bare, quiet = run(""), run("import mdpo; ")
+    assert noise in bare.stdout + bare.stderr  # the line exists without mdpo's filter
+    assert noise not in quiet.stdout + quiet.stderr and "another DeepSpeed line" in quiet.stdout + quiet.stderr
