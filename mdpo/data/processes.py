@@ -1,7 +1,8 @@
 """The processes a dataset is validated over: this one alone, or the ranks of the torch.distributed group
 a launcher (torchrun, accelerate launch) and the run's engine made. Only what validation needs: a rank,
-a world size, gathering objects to rank 0 and broadcasting one from it (pickled, over the group's
-backend: gloo on the CPU, NCCL between GPUs)."""
+a world size, gathering objects to rank 0 or to every rank and broadcasting one from rank 0 (pickled,
+over the group's backend: gloo on the CPU, NCCL between GPUs). Shared generation
+(`mdpo.eval.generate.resolve_processes`) takes its defaults from here too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,15 +47,19 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_true(self, flag: bool) -> bool:
-        """Whether `flag` holds on every process."""
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order, on every process (pickled: for small objects)."""
         if self.world == 1:
-            return bool(flag)
+            return [obj]
         import torch.distributed as dist
 
-        flags = [None] * self.world
-        dist.all_gather_object(flags, bool(flag))
-        return all(flags)
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every process."""
+        return all(self.all_gather(bool(flag)))
 
     def range_of(self, n: int) -> range:
         """This process's contiguous share of n items (the first n % world processes take one more)."""

@@ -648,21 +648,16 @@ def resolve_processes(rank: int | None = None, world: int | None = None,
                       all_gather: AllGather | None = None) -> tuple[int, int, AllGather | None]:
     """(rank, world, all_gather): the given ones, else torch.distributed's when a process group is
     initialised (`all_gather_object`), else one process (0, 1, None)."""
-    import torch.distributed as dist
+    from ..data.processes import Processes
 
-    initialised = dist.is_available() and dist.is_initialized()
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
-    if world is None:
-        world = dist.get_world_size() if initialised else 1
+    group = Processes.current()
+    rank = group.rank if rank is None else rank
+    world = group.world if world is None else world
     if all_gather is None and world > 1:
-        if not initialised:
-            raise ValueError(f"world={world} needs an all_gather callable or an initialised torch.distributed group")
-
-        def all_gather(obj):  # pickles obj; a few KB per round here
-            out = [None] * dist.get_world_size()
-            dist.all_gather_object(out, obj)
-            return out
+        if group.world != world:
+            raise ValueError(f"world={world} needs an all_gather callable, or an initialised torch.distributed group "
+                             f"of that size (here: {group.world} process(es))")
+        all_gather = group.all_gather  # pickles obj; a few KB per round here
     if not 0 <= rank < world:
         raise ValueError(f"rank={rank} must be in [0, world={world})")
     return rank, world, all_gather
